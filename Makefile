@@ -23,7 +23,7 @@ test: install
 	$(BIN)/pytest -q
 
 run: install
-	$(BIN)/minillama info
+	$(BIN)/minillama generate --prompt "$(PROMPT)"
 
 clean:
 	rm -rf $(VENV)

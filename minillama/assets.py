@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 from .checkpoint import atomic_directory
@@ -74,5 +75,7 @@ def default_model_dir() -> Path:
     """The embedded SmolLM2 as an HF directory in the cache, converted on first use."""
     out = cache_dir() / SMOLLM2_NAME
     if not (out / "config.json").is_file():
-        convert_gguf(smollm2_gguf(), out)
+        gguf = smollm2_gguf()
+        print(f"minillama: converting the embedded {SMOLLM2_NAME} ({gguf.name}) once into {out}", file=sys.stderr)
+        convert_gguf(gguf, out)
     return out

@@ -118,20 +118,22 @@ def load_weights(model: Transformer, ckpt_dir: str | Path) -> None:
     for file in weight_files(ckpt_dir):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    target = layout.get(key)
-                    if target is None:
-                        if not (_IGNORED.match(key) or (key == "lm_head.weight" and model.config.tie_word_embeddings)):
-                            unexpected.append(key)
-                        continue
-                    dst = _view(params, target)
-                    shape = tuple(f.get_slice(key).get_shape())
-                    if shape != tuple(dst.shape):
-                        mismatched.append(f"{key} (checkpoint {list(shape)}, model {list(dst.shape)})")
-                        seen.add(key)  # present, so not "missing": reported once, as a mismatch
-                        continue
+                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            for key, shape in shapes.items():
+                target = layout.get(key)
+                if target is None:
+                    if not (_IGNORED.match(key) or (key == "lm_head.weight" and model.config.tie_word_embeddings)):
+                        unexpected.append(key)
+                    continue
+                seen.add(key)
+                dst = _view(params, target)
+                if shape != tuple(dst.shape):
+                    mismatched.append(f"{key} (checkpoint {list(shape)}, model {list(dst.shape)})")
+                    continue
+                # One mapping per tensor: every page a mapping touches counts as resident until it is
+                # unmapped, so a single open over a whole file would hold a second copy of the model.
+                with safe_open(file, framework="pt", device="cpu") as f:
                     dst.copy_(f.get_tensor(key))
-                    seen.add(key)
         except SafetensorError as e:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
         except OSError as e:

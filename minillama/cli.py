@@ -1,67 +1,189 @@
-"""The `minillama` command: thin argparse front over the library. Errors print as one line, exit 2."""
+"""The `minillama` command: a thin argparse front over the library. Errors print as one line, exit 2."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from .errors import MinillamaError
+from .errors import GenerationError, MinillamaError
 
 
-def _model_dir(arg: str | None) -> Path:
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and still exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from .assets import default_model_dir
+    from .checkpoint import from_pretrained
+    from .tokenizer import load_tokenizer
 
-    return Path(arg) if arg else default_model_dir()
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    model = from_pretrained(model_dir, dtype=args.dtype, device=args.device, norm=args.norm)
+    return model, load_tokenizer(model_dir)
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """Generation options from flags, validated before any model is loaded."""
+    from .generate import SamplingConfig
+
+    if args.max_new_tokens < 1:
+        raise GenerationError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
+    return dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
+                repetition_penalty=sampling.repetition_penalty, seed=sampling.seed, stop=args.stop or None,
+                compile=args.compile)
+
+
+def _encode(tokenizer: Any, messages: list[dict[str, str]], chat: bool | None) -> list[int]:
+    """Token ids of a conversation: through the chat template (generation prompt added) when there is one."""
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise GenerationError("--chat: this checkpoint's tokenizer has no chat template")
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tokenizer("\n\n".join(m["content"] for m in messages)).input_ids
+
+
+def _stream_reply(model: Any, tokenizer: Any, ids: list[int], args: argparse.Namespace,
+                  options: dict[str, Any]) -> str:
+    from .generate import stream
+
+    start = time.perf_counter()
+    pieces, first = [], None
+    for piece in stream(model, tokenizer, ids, args.max_new_tokens, **options):
+        first = first or time.perf_counter()
+        pieces.append(piece)
+        print(piece, end="", flush=True)
+    print(flush=True)
+    if args.stats:
+        n = len(tokenizer(''.join(pieces), add_special_tokens=False).input_ids)
+        end = time.perf_counter()
+        decode = f", decode {(n - 1) / (end - first):.1f} tok/s" if first and n > 1 and end > first else ""
+        print(f"[{len(ids)} prompt tokens, ~{n} new tokens, {end - start:.2f} s{decode}]", file=sys.stderr)
+    return "".join(pieces)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate a reply to one prompt (--prompt or stdin), streamed to stdout."""
+    options = _sampling(args)
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise GenerationError("no prompt: pass --prompt TEXT or pipe text on stdin")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise GenerationError("empty prompt")
+    model, tokenizer = _load(args)
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": prompt})
+    _stream_reply(model, tokenizer, _encode(tokenizer, messages, args.chat), args, options)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive multi-turn chat in the terminal (/reset clears the history, /exit or Ctrl-D quits)."""
+    options = _sampling(args)
+    model, tokenizer = _load(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    context = model.config.max_position_embeddings
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history.clear()
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids = _encode(tokenizer, system + history, chat=args.chat)
+        # Forget the oldest turns once the conversation no longer fits beside a full reply.
+        while len(ids) + args.max_new_tokens > context and len(history) > 1:
+            history = history[2:] if len(history) > 2 else history[-1:]
+            ids = _encode(tokenizer, system + history, chat=args.chat)
+        reply = _stream_reply(model, tokenizer, ids, args, options)
+        history.append({"role": "assistant", "content": reply})
 
 
 def cmd_convert_gguf(args: argparse.Namespace) -> int:
     """Dequantize a LLaMA-architecture GGUF file into an HF safetensors directory."""
     from .assets import convert_gguf
 
-    out = convert_gguf(args.file, args.outdir)
-    print(f"wrote {out}")
+    print(f"wrote {convert_gguf(args.file, args.outdir)}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print a checkpoint's architecture and parameter count."""
-    from .checkpoint import from_pretrained
-
-    model = from_pretrained(_model_dir(args.model), dtype=args.dtype, device=args.device, norm=args.norm)
+    model, _ = _load(args)
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads} (q/kv), head_dim {cfg.head_dim}, "
-          f"vocab {cfg.vocab_size}, rope {cfg.rope.rope_type} (theta {cfg.rope.theta:g}), "
-          f"sliding window {cfg.sliding_window}, tied {cfg.tie_word_embeddings}, norm {cfg.norm}")
+          f"vocab {cfg.vocab_size}, context {cfg.max_position_embeddings}, rope {cfg.rope.rope_type} "
+          f"(theta {cfg.rope.theta:g}), sliding window {cfg.sliding_window}, tied {cfg.tie_word_embeddings}, "
+          f"norm {cfg.norm}")
     print(f"{n_params:,} parameters, {model.embed.weight.dtype}, {model.embed.weight.device}")
     return 0
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local HF checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: the checkpoint's")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--norm", default=None, help="replace the checkpoint's norm by a registered one")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", "-n", type=int, default=256)
+    p.add_argument("--temperature", "--temp", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", "--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", "-s", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--system", default=None, help="system message (chat template only)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="use the tokenizer's chat template (default: when it has one)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, fast tokens)")
+    p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="minillama", description=__doc__)
+    parser = _Parser(prog="minillama", description=__doc__)
     parser.add_argument("--version", action="version", version=f"minillama {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-
+    for name, func, extra in [("generate", cmd_generate, _add_generation_args), ("chat", cmd_chat, _add_generation_args),
+                              ("info", cmd_info, None)]:
+        p = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
+        _add_model_args(p)
+        if extra:
+            extra(p)
+        if name == "generate":
+            p.add_argument("--prompt", "-p", default=None, help="the prompt (default: read stdin)")
+        p.set_defaults(func=func)
     p = sub.add_parser("convert-gguf", help=cmd_convert_gguf.__doc__)
     p.add_argument("file", help="a .gguf file")
     p.add_argument("outdir", help="output directory (written atomically)")
     p.set_defaults(func=cmd_convert_gguf)
-
-    p = sub.add_parser("info", help=cmd_info.__doc__)
-    _add_model_args(p)
-    p.set_defaults(func=cmd_info)
     return parser
 
 

@@ -11,3 +11,7 @@ class ConfigError(MinillamaError, ValueError):
 
 class CheckpointError(MinillamaError):
     """A checkpoint directory or file that is missing, corrupt or does not match the model."""
+
+
+class GenerationError(MinillamaError, ValueError):
+    """Generation settings or inputs that cannot work (empty prompt, top_p outside (0, 1], ...)."""

@@ -163,6 +163,7 @@ class Transformer(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] for `input_ids` [batch, seq].
 
@@ -170,6 +171,7 @@ class Transformer(nn.Module):
             causal forward over `input_ids` alone without touching the cache.
         position_ids: RoPE positions [batch, seq] when they differ from the slots (left padding).
         padding_mask: [batch, slots] with 1 for real tokens and 0 for padding.
+        last_only: project only the last position to the vocabulary (prefill for generation).
         """
         bsz, seqlen = input_ids.shape
         if input_pos is None:
@@ -188,4 +190,6 @@ class Transformer(nn.Module):
         cos, sin = self.rope(position_ids, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm(x))

@@ -1,0 +1,326 @@
+"""Autoregressive generation: prefill, then one token at a time through the static KV cache.
+
+Samplers follow transformers' order (repetition penalty, temperature, top-k, top-p, min-p) so a
+seeded run means the same thing in both. Batches of prompts of different lengths are left-padded:
+each row gets RoPE positions that start at 0 and a padding mask, so it produces the tokens it
+would produce alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .errors import GenerationError
+from .model import Transformer
+
+# Cache lengths are rounded up so that successive calls reuse one allocation (and one compiled graph).
+CACHE_ROUND = 256
+
+
+@dataclass
+class SamplingConfig:
+    """How the next token is chosen. temperature 0 is greedy; the filters apply only when sampling."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise GenerationError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
+        if self.top_p is not None and not (0 < self.top_p <= 1):
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.min_p is not None and not (0 <= self.min_p <= 1):
+            raise GenerationError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
+            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None) -> torch.Tensor:
+    """Apply the repetition penalty and, when sampling, temperature/top-k/top-p/min-p to fp32 logits [B, V]."""
+    if cfg.repetition_penalty != 1.0 and seen is not None:
+        # CTRL-style, as transformers: shrink seen tokens' logits toward "less likely" whatever their sign.
+        penalized = torch.where(logits < 0, logits * cfg.repetition_penalty, logits / cfg.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if cfg.greedy:
+        return logits
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token once the mass strictly before it already reaches top_p (the top one always stays).
+        drop = (probs.cumsum(-1) - probs) >= cfg.top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if cfg.min_p:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < cfg.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids [B] from fp32 logits [B, V] that process_logits has already shaped."""
+    if cfg.greedy:
+        return logits.argmax(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def eos_ids(model: Transformer, tokenizer: Any = None) -> list[int]:
+    """Every EOS id the checkpoint declares: generation_config.json, config.json, and the tokenizer's."""
+    ids: list[int] = []
+    for value in (model.generation_config.get("eos_token_id"), model.config.extra.get("eos_token_id"),
+                  getattr(tokenizer, "eos_token_id", None)):
+        for i in [value] if isinstance(value, int) else (value or []):
+            if i not in ids:
+                ids.append(i)
+    return ids
+
+
+def left_pad(
+    prompts: torch.Tensor | Sequence[Sequence[int]], attention_mask: torch.Tensor | None, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, S], mask [B, S]) from a tensor (+ optional mask) or a list of token lists of any lengths."""
+    if isinstance(prompts, torch.Tensor):
+        ids = prompts[None] if prompts.dim() == 1 else prompts
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask.reshape(ids.shape).to(ids.device)
+        if mask.shape[1] and not bool(mask[:, -1].all()):
+            raise GenerationError("prompts must be left-padded: attention_mask has padding at the end of a row")
+        return ids.long(), mask.long()
+    rows = [list(p) for p in prompts]
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long).reshape(len(rows), width)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long).reshape(ids.shape)
+    return ids, mask
+
+
+class IncrementalDecoder:
+    """Turns one row's token ids into text pieces, never splitting a multi-byte character.
+
+    Decoding the whole continuation each time (not token by token) keeps tokenizers' spacing
+    rules right; a trailing U+FFFD means an unfinished UTF-8 sequence, so that text waits.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""  # everything emitted so far
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.text = text[len(self.text):], text
+        return piece
+
+
+@torch.no_grad()
+def decode_tokens(
+    model: Transformer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    eos: Sequence[int],
+    pad_id: int,
+    should_stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    step_fn: Callable[..., torch.Tensor] | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row [B] per step; finished rows get `pad_id`.
+
+    should_stop(tokens [B]) -> bool [B] adds stop conditions beyond EOS (stop strings).
+    step_fn replaces `model` for the one-token decode step (a compiled version of it).
+    """
+    bsz, prompt_len = input_ids.shape
+    device = model.embed.weight.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    total = prompt_len + max_new_tokens
+    cache = model.layers[0].attn.kv_cache if len(model.layers) else None
+    # Grow the cache when needed, never shrink it: a compiled step is guarded on the cache tensors
+    # themselves, so new buffers would cost a recompile. model.clear_cache() frees it.
+    if cache is None or cache.max_seq_len < total or cache.k.shape[0] < bsz:
+        model.setup_cache(bsz, -(-total // CACHE_ROUND) * CACHE_ROUND)
+    padding_mask = torch.ones(bsz, model.cache_len, dtype=torch.long, device=device)
+    padding_mask[:, :prompt_len] = attention_mask
+    pad_count = (attention_mask == 0).sum(-1, keepdim=True)  # left padding per row
+    positions = (torch.arange(prompt_len, device=device)[None] - pad_count).clamp(min=0)
+
+    generator = None
+    if sampling.seed is not None and not sampling.greedy:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        seen = torch.zeros(bsz, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, input_ids, attention_mask.bool())
+    eos_t = torch.tensor(list(eos), dtype=torch.long, device=device)
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    step = step_fn if step_fn is not None else model
+
+    # Padding slots are masked out; any valid id will do there, whatever the pad id is.
+    logits = model(input_ids.masked_fill(attention_mask == 0, 0), torch.arange(prompt_len, device=device),
+                   position_ids=positions,
+                   padding_mask=padding_mask, last_only=True)[:, -1].float()
+    for i in range(max_new_tokens):
+        sampled = sample(process_logits(logits, sampling, seen), sampling, generator)
+        token = sampled.masked_fill(done, pad_id)
+        yield token
+        done |= torch.isin(token, eos_t)
+        if should_stop is not None:
+            done |= should_stop(token)
+        if i == max_new_tokens - 1 or bool(done.all()):
+            return
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        pos = prompt_len + i
+        # Finished rows keep decoding their own (ignored) samples: the pad id need not be a valid token.
+        logits = step(sampled[:, None], torch.tensor([pos], device=device),
+                      position_ids=pos - pad_count, padding_mask=padding_mask)[:, -1].float()
+
+
+class StopStrings:
+    """should_stop callback: a row stops once its new text contains any of `stops`."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], batch: int) -> None:
+        self.stops = [s for s in stops if s]
+        self.decoders = [IncrementalDecoder(tokenizer) for _ in range(batch)]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        hits = []
+        for decoder, token in zip(self.decoders, tokens.tolist()):
+            decoder.push(token)
+            tail = decoder.text[-(max(map(len, self.stops)) + 16):]
+            hits.append(any(s in tail for s in self.stops))
+        return torch.tensor(hits, device=tokens.device)
+
+
+def generate_tokens(
+    model: Transformer,
+    input_ids: torch.Tensor | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    seed: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    pad_token_id: int | None = None,
+    stop: Sequence[str] | None = None,
+    tokenizer: Any = None,
+    step_fn: Callable[..., torch.Tensor] | None = None,
+    compile: bool = False,
+) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
+    """Validate everything, then return (left-padded prompt ids [B, S], iterator of new tokens [B]).
+
+    The options are generate()'s; settings that cannot work raise GenerationError here, before
+    any compute.
+    """
+    sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if eos_token_id is None:
+        eos = eos_ids(model, tokenizer)
+    else:
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = model.generation_config.get("pad_token_id", model.config.extra.get("pad_token_id"))
+        if not isinstance(pad_token_id, int):
+            pad_token_id = eos[0] if eos else 0
+    ids, mask = left_pad(input_ids, attention_mask, pad_token_id)
+    if ids.numel() == 0 or bool((mask.sum(-1) == 0).any()):
+        raise GenerationError("empty prompt: every row needs at least one token")
+    context = model.config.max_position_embeddings
+    if ids.shape[1] >= context:
+        raise GenerationError(f"prompt has {ids.shape[1]} tokens; the model's context is {context} "
+                              "(max_position_embeddings), leaving no room to generate")
+    if stop and tokenizer is None:
+        raise GenerationError("stop strings need a tokenizer: pass tokenizer=...")
+    should_stop = StopStrings(tokenizer, stop, ids.shape[0]) if stop else None
+    if compile and step_fn is None:
+        step_fn = _compiled_step(model)
+    # Never run past the context the model was trained for.
+    max_new_tokens = min(max_new_tokens, context - ids.shape[1])
+    tokens = decode_tokens(model, ids, mask, max_new_tokens, sampling, eos, pad_token_id, should_stop, step_fn)
+    return ids, tokens
+
+
+def generate(
+    model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int, **options: Any
+) -> torch.Tensor:
+    """Prompt ids followed by up to `max_new_tokens` new ones, like transformers' `generate`.
+
+    input_ids: [S], [B, S] (left-padded, with `attention_mask`) or a list of token lists of any
+    lengths. Options (see generate_tokens): temperature (0: greedy), top_k, top_p, min_p,
+    repetition_penalty, seed, eos_token_id (None: every EOS id of the checkpoint; []: never stop
+    early), attention_mask, pad_token_id (fills rows that finished early), stop (strings; needs
+    tokenizer), tokenizer, compile (torch.compile the decode step, cached on the model), step_fn
+    (a decode step of your own).
+    """
+    ids, tokens = generate_tokens(model, input_ids, max_new_tokens, **options)
+    new = list(tokens)
+    return torch.cat([ids.to(new[0].device), torch.stack(new, dim=1)], dim=1)
+
+
+def stream(
+    model: Transformer, tokenizer: Any, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int,
+    **options: Any,
+) -> Iterator[str]:
+    """Yield one prompt's new text piece by piece as it is generated (options as in generate)."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 2 and input_ids.shape[0] != 1:
+            raise GenerationError("stream() takes one prompt; use generate() for batches")
+    else:
+        input_ids = [list(input_ids)]
+    _, tokens = generate_tokens(model, input_ids, max_new_tokens, tokenizer=tokenizer, **options)
+    text = IncrementalDecoder(tokenizer)
+    for token in tokens:
+        piece = text.push(int(token[0]))
+        if piece:
+            yield piece
+
+
+def _compiled_step(model: Transformer) -> Callable[..., torch.Tensor]:
+    # Cached on the model so repeated generate(compile=True) calls compile once.
+    step = model.__dict__.get("_compiled_step")
+    if step is None:
+        step = model.__dict__["_compiled_step"] = compile_decode_step(model)
+    return step
+
+
+def compile_decode_step(model: Transformer) -> Callable[..., torch.Tensor]:
+    """torch.compile the one-token decode step: static shapes, one fused graph per (batch, cache length).
+
+    Inductor's `freezing` folds the weights into the graph as constants, which lets it prepack them
+    for the CPU matmul library (oneDNN/MKL): that, not Python overhead, is most of the gain on a CPU.
+    The compiled step therefore snapshots the weights: compile again after changing them.
+    Dynamic NTK RoPE reads a position back to Python every call, so it stays eager.
+    """
+    if model.config.rope.rope_type == "dynamic":
+        return model
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+
+    def step(*args: Any, **kwargs: Any) -> torch.Tensor:
+        # Compilation is lazy (first call, and each new shape), so the setting must be live at call
+        # time; torch.compile(options={"freezing": True}) is not honoured for it.
+        with inductor_config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return step

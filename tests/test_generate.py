@@ -1,0 +1,197 @@
+"""Generation: parity with transformers' generate, batching, samplers, stopping, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers.generation import logits_process as hf_lp
+
+import minillama
+from minillama import GenerationError
+from minillama.generate import IncrementalDecoder, SamplingConfig, generate, process_logits, stream
+
+PROMPTS = [[5, 17, 3], [9, 8, 7, 6, 5, 4, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+
+
+def _hf_greedy(ref: transformers.PreTrainedModel, ids: torch.Tensor, n: int) -> torch.Tensor:
+    return ref.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=-1, pad_token_id=0)
+
+
+@pytest.mark.parametrize("model_type,overrides", [
+    ("llama", dict(num_key_value_heads=2)),
+    ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    ("mistral", dict(num_key_value_heads=2, sliding_window=6)),  # 32 new tokens run far past the window
+])
+def test_greedy_equals_transformers_generate(make_hf, model_type, overrides):
+    ref, path = make_hf(model_type, **overrides)
+    model = minillama.from_pretrained(path)
+    ids = torch.tensor([PROMPTS[1]])
+    expected = _hf_greedy(ref, ids, 32)
+    got = generate(model, ids, 32, eos_token_id=[])
+    assert got.shape == (1, 7 + 32)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("model_type,overrides", [
+    ("llama", dict(num_key_value_heads=2)),
+    ("mistral", dict(num_key_value_heads=2, sliding_window=5)),
+])
+def test_batched_left_padded_equals_one_by_one(make_hf, model_type, overrides):
+    _, path = make_hf(model_type, **overrides)
+    model = minillama.from_pretrained(path)
+    batched = generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0)
+    width = max(map(len, PROMPTS))
+    for row, prompt in zip(batched, PROMPTS):
+        alone = generate(model, torch.tensor([prompt]), 12, eos_token_id=[])[0]
+        assert torch.equal(row[width - len(prompt):], alone)
+    # the same through a left-padded tensor and its attention mask
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(PROMPTS):
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    assert torch.equal(generate(model, ids, 12, attention_mask=mask, eos_token_id=[], pad_token_id=0), batched)
+
+
+def test_eos_stops_and_pads_finished_rows(make_hf):
+    _, path = make_hf("llama", num_key_value_heads=2)
+    model = minillama.from_pretrained(path)
+    free = generate(model, PROMPTS, 10, eos_token_id=[], pad_token_id=0)
+    width = max(map(len, PROMPTS))
+    eos = int(free[0, width + 2])  # row 0's third new token
+    out = generate(model, PROMPTS, 10, eos_token_id=[eos], pad_token_id=-1)
+    row0 = out[0, width:].tolist()
+    assert row0[:3] == free[0, width:width + 3].tolist() and set(row0[3:]) <= {-1}
+    for r in range(3):  # each row stops at its first EOS, the rest is padding
+        new = out[r, width:].tolist()
+        if eos in new:
+            assert set(new[new.index(eos) + 1:]) <= {-1}
+    assert generate(model, PROMPTS[:1], 10, eos_token_id=[int(free[0, width])]).shape[1] == 3 + 1
+
+
+def test_default_eos_comes_from_generation_config(make_hf):
+    _, path = make_hf("llama")
+    model = minillama.from_pretrained(path)
+    first = int(generate(model, [PROMPTS[0]], 1, eos_token_id=[])[0, -1])
+    model.generation_config = {"eos_token_id": [first, 99999]}
+    model.config.extra.pop("eos_token_id", None)
+    assert generate(model, [PROMPTS[0]], 8).shape[1] == len(PROMPTS[0]) + 1
+
+
+def test_top_k_1_equals_greedy_and_seeds_reproduce(make_hf):
+    _, path = make_hf("llama", num_key_value_heads=2)
+    model = minillama.from_pretrained(path)
+    greedy = generate(model, PROMPTS, 16, eos_token_id=[])
+    assert torch.equal(generate(model, PROMPTS, 16, temperature=1.3, top_k=1, seed=3, eos_token_id=[]), greedy)
+    kwargs = dict(temperature=1.5, top_p=0.95, seed=123, eos_token_id=[])
+    a, b = generate(model, PROMPTS, 16, **kwargs), generate(model, PROMPTS, 16, **kwargs)
+    assert torch.equal(a, b)
+    others = [generate(model, PROMPTS, 16, **{**kwargs, "seed": s}) for s in (1, 2)]
+    assert any(not torch.equal(a, o) for o in others)
+
+
+def test_samplers_match_transformers_processors():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 300, generator=gen) * 3
+    seen_ids = torch.randint(0, 300, (4, 20), generator=gen)
+    seen = torch.zeros(4, 300, dtype=torch.bool).scatter_(1, seen_ids, True)
+    cases = [
+        (SamplingConfig(temperature=0.7, top_k=20), [hf_lp.TemperatureLogitsWarper(0.7), hf_lp.TopKLogitsWarper(20)]),
+        (SamplingConfig(temperature=1.2, top_p=0.8), [hf_lp.TemperatureLogitsWarper(1.2), hf_lp.TopPLogitsWarper(0.8)]),
+        (SamplingConfig(temperature=0.9, min_p=0.1), [hf_lp.TemperatureLogitsWarper(0.9), hf_lp.MinPLogitsWarper(0.1)]),
+        (SamplingConfig(temperature=1.0, repetition_penalty=1.3, top_k=50, top_p=0.9, min_p=0.05),
+         [hf_lp.RepetitionPenaltyLogitsProcessor(1.3), hf_lp.TopKLogitsWarper(50), hf_lp.TopPLogitsWarper(0.9),
+          hf_lp.MinPLogitsWarper(0.05)]),
+        (SamplingConfig(repetition_penalty=0.8), [hf_lp.RepetitionPenaltyLogitsProcessor(0.8)]),
+    ]
+    for cfg, processors in cases:
+        expected = logits.clone()
+        for proc in processors:
+            expected = proc(seen_ids, expected)
+        got = process_logits(logits.clone(), cfg, seen)
+        assert torch.equal(torch.isinf(got), torch.isinf(expected)), cfg
+        finite = ~torch.isinf(got)
+        torch.testing.assert_close(got[finite], expected[finite])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(top_p=1.2), "top_p must be in (0, 1]"),
+    (dict(top_k=-1), "top_k must be an integer >= 0"),
+    (dict(min_p=2.0), "min_p must be in [0, 1]"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+    (dict(stop=["x"]), "stop strings need a tokenizer"),
+])
+def test_impossible_settings_are_refused(make_hf, kwargs, message):
+    _, path = make_hf("llama")
+    model = minillama.from_pretrained(path)
+    with pytest.raises(GenerationError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        generate(model, [PROMPTS[0]], 4, **kwargs)
+
+
+def test_bad_lengths_are_refused_and_context_is_bounded(make_hf):
+    _, path = make_hf("llama", max_position_embeddings=16)
+    model = minillama.from_pretrained(path)
+    with pytest.raises(GenerationError, match="max_new_tokens must be an integer >= 1, got 0"):
+        generate(model, [PROMPTS[0]], 0)
+    with pytest.raises(GenerationError, match="empty prompt"):
+        generate(model, [[]], 4)
+    with pytest.raises(GenerationError, match="prompt has 16 tokens; the model's context is 16"):
+        generate(model, [list(range(16))], 4)
+    out = generate(model, [PROMPTS[2]], 100, eos_token_id=[])
+    assert out.shape[1] == 16  # 12 prompt tokens + 4: never past max_position_embeddings
+
+
+def test_incremental_decoder_never_splits_a_character(smollm2_dir):
+    tok = minillama.load_tokenizer(smollm2_dir)
+    text = "Ça coûte 5 € — 日本語のテキスト 🙂👍 naïve"
+    decoder = IncrementalDecoder(tok)
+    pieces = [decoder.push(i) for i in tok(text, add_special_tokens=False).input_ids]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert sum(1 for p in pieces if p == "") > 0  # some tokens held back half a character
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_dir):
+    tok = minillama.load_tokenizer(smollm2_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    return minillama.from_pretrained(smollm2_dir), tok, ids
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_transformers(smollm2_dir, smol):
+    model, tok, ids = smol
+    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+    expected = _hf_greedy(ref, ids, 32)
+    assert torch.equal(generate(model, ids, 32, eos_token_id=[]), expected)
+    # with the checkpoint's own EOS both stop at the same place, after "Paris."
+    stopped = generate(model, ids, 32, tokenizer=tok)
+    assert torch.equal(stopped, ref.generate(ids, max_new_tokens=32, do_sample=False))
+    assert "Paris" in tok.decode(stopped[0, ids.shape[1]:])
+
+
+@pytest.mark.slow
+def test_smollm2_stream_and_stop_strings(smol):
+    model, tok, ids = smol
+    full = generate(model, ids, 24, tokenizer=tok)
+    text = tok.decode(full[0, ids.shape[1]:], skip_special_tokens=True)
+    pieces = list(stream(model, tok, ids, 24))
+    assert len(pieces) > 3 and "".join(pieces) == text
+    cut = generate(model, ids, 24, tokenizer=tok, stop=["France"])
+    cut_text = tok.decode(cut[0, ids.shape[1]:], skip_special_tokens=True)
+    assert cut_text.endswith("France") and len(cut_text) < len(text)
+    assert "".join(stream(model, tok, ids, 24, stop=["France"])) == cut_text
+    with pytest.raises(GenerationError, match="one prompt"):
+        list(stream(model, tok, torch.cat([ids, ids]), 4))
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens(make_hf):
+    _, path = make_hf("mistral", num_key_value_heads=2, sliding_window=5)
+    model = minillama.from_pretrained(path)
+    eager = generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0, compile=True), eager)

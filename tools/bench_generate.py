@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Prefill and decode speed of minillama against transformers, same checkpoint, same machine, one run.
+
+Each (implementation, dtype) runs in its own subprocess so that peak memory is its own. Decode is
+greedy at batch 1 with EOS ignored; decode tok/s = new tokens / (time of a generate with N new
+tokens - time of one with 1), so prefill never leaks into it. Figures are medians over --repeats
+with min-max spread. The roofline is weight bytes read per decoded token over a bandwidth measured
+here, in this run.
+
+    python tools/bench_generate.py                       # embedded SmolLM2, fp32 + bf16
+    python tools/bench_generate.py --model DIR --dtypes bfloat16 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+IMPLS = ("transformers", "minillama", "minillama-compiled")
+
+
+def _median_spread(xs: list[float]) -> tuple[float, float, float]:
+    return statistics.median(xs), min(xs), max(xs)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def memory_bandwidth(device: torch.device, mbytes: int = 512) -> float:
+    """GB/s of a large read (sum of a tensor bigger than any cache), the decode roofline's denominator."""
+    x = torch.randn(mbytes * 2**20 // 4, device=device)
+    for _ in range(2):
+        x.sum()
+    times = [_timed(lambda: x.sum(), device) for _ in range(5)]
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure one implementation in one dtype; runs in a fresh process."""
+    import transformers
+
+    import minillama
+    from minillama.assets import default_model_dir
+    from minillama.generate import generate
+
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    tok = minillama.load_tokenizer(model_dir)
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text() * 20
+    long_ids = tok(text, return_tensors="pt").input_ids[:, : args.prefill].to(device)
+    chat = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+    prompt = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
+                                     return_dict=True)["input_ids"].to(device)
+    result: dict[str, Any] = {"impl": args.impl, "dtype": args.dtype}
+
+    t0 = time.perf_counter()
+    if args.impl == "transformers":
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+        def run(n: int, ids: torch.Tensor = prompt) -> torch.Tensor:
+            # eos_token_id=-1: never stop early (transformers warns, then runs to max_new_tokens)
+            return model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    else:
+        model = minillama.from_pretrained(model_dir, dtype=dtype, device=device)
+        compile_step = args.impl == "minillama-compiled"
+
+        def run(n: int, ids: torch.Tensor = prompt) -> torch.Tensor:
+            return generate(model, ids, n, eos_token_id=[], compile=compile_step)
+    result["load_s"] = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in model.parameters())
+    result["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    t0 = time.perf_counter()
+    first = run(args.new_tokens)  # warm-up; for the compiled step this is where compilation happens
+    result["warmup_s"] = time.perf_counter() - t0
+    decodes = []
+    for _ in range(args.repeats):
+        full = _timed(lambda: run(args.new_tokens), device)
+        one = _timed(lambda: run(1), device)
+        decodes.append((args.new_tokens - 1) / max(full - one, 1e-9))
+    # Prefill as generation does it: a long prompt, one new token. Measured after decode, because
+    # minillama keeps its KV cache at the longest request's size (decode attends over all of it).
+    prefills = [_timed(lambda: run(1, long_ids), device) for _ in range(args.repeats + 1)][1:]
+    result.update(
+        params=n_params,
+        prefill_tokens=long_ids.shape[1],
+        prefill_tok_s=_median_spread([long_ids.shape[1] / t for t in prefills]),
+        decode_tok_s=_median_spread(decodes),
+        tokens=first[0, prompt.shape[1]:].tolist(),
+        peak_mem_mb=(torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    )
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="HF checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="also write all results here")
+    p.add_argument("--impl", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.impl:  # worker mode
+        print(json.dumps(worker(args)))
+        return
+
+    from minillama.assets import default_model_dir
+
+    if not args.model:
+        default_model_dir()  # convert once here, not inside a timed worker
+    device = torch.device(args.device)
+    bandwidth = memory_bandwidth(device)
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    print(f"# bench_generate: {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {machine}, "
+          f"{args.threads} threads, torch {torch.__version__}")
+    print(f"# measured read bandwidth: {bandwidth:.1f} GB/s; batch 1, greedy, {args.new_tokens} new tokens "
+          f"(EOS ignored), prefill {args.prefill} tokens, median [min-max] of {args.repeats}\n")
+    rows = []
+    for dtype in args.dtypes.split(","):
+        for impl in args.impls.split(","):
+            cmd = [sys.executable, __file__, "--impl", impl, "--dtype", dtype, "--threads", str(args.threads),
+                   "--device", args.device, "--new-tokens", str(args.new_tokens), "--prefill", str(args.prefill),
+                   "--repeats", str(args.repeats)] + (["--model", args.model] if args.model else [])
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"worker {impl}/{dtype} failed:\n{out.stderr[-3000:]}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  measured {impl} {dtype}", file=sys.stderr)
+
+    head = ("| dtype | impl | prefill tok/s | x HF | decode tok/s | x HF | roofline tok/s | % roofline "
+            "| peak MB | warm-up s | same tokens |")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        ref = next(x for x in rows if x["dtype"] == r["dtype"] and x["impl"] == "transformers")
+        roof = bandwidth * 1e9 / r["weight_bytes"]
+        pm, pl, ph = r["prefill_tok_s"]
+        dm, dl, dh = r["decode_tok_s"]
+        r.update(roofline_tok_s=roof, decode_vs_hf=dm / ref["decode_tok_s"][0],
+                 prefill_vs_hf=pm / ref["prefill_tok_s"][0], same_tokens_as_hf=r["tokens"] == ref["tokens"])
+        print(f"| {r['dtype']} | {r['impl']} | {pm:.0f} [{pl:.0f}-{ph:.0f}] | {r['prefill_vs_hf']:.2f} "
+              f"| {dm:.1f} [{dl:.1f}-{dh:.1f}] | {r['decode_vs_hf']:.2f} | {roof:.0f} | {100 * dm / roof:.0f}% "
+              f"| {r['peak_mem_mb']:.0f} | {r['warmup_s']:.1f} | {'yes' if r['same_tokens_as_hf'] else 'no'} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine, "bandwidth_gb_s": bandwidth,
+                                               "threads": args.threads, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
