@@ -171,9 +171,10 @@ def decode_tokens(
     step = step_fn if step_fn is not None else model
 
     # Padding slots are masked out; any valid id will do there, whatever the pad id is.
+    has_padding = bool((attention_mask == 0).any())
     logits = model(input_ids.masked_fill(attention_mask == 0, 0), torch.arange(prompt_len, device=device),
-                   position_ids=positions,
-                   padding_mask=padding_mask, last_only=True)[:, -1].float()
+                   position_ids=positions, padding_mask=padding_mask if has_padding else None,
+                   last_only=True)[:, -1].float()
     for i in range(max_new_tokens):
         sampled = sample(process_logits(logits, sampling, seen), sampling, generator)
         token = sampled.masked_fill(done, pad_id)

@@ -37,7 +37,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        mask: torch.Tensor | None, input_pos: torch.Tensor | None,
+        mask: torch.Tensor | None, input_pos: torch.Tensor | None, kv_len: int,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q, k, v = self.wqkv(x).split(self.split, dim=-1)
@@ -47,6 +47,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_heads
         )
@@ -79,9 +80,9 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        mask: torch.Tensor | None, input_pos: torch.Tensor | None,
+        mask: torch.Tensor | None, input_pos: torch.Tensor | None, kv_len: int,
     ) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos)
+        h = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, kv_len)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -180,16 +181,20 @@ class Transformer(nn.Module):
         else:
             if self.cache_len == 0:
                 raise RuntimeError("input_pos given but no KV cache: call model.setup_cache(...) first")
-            q_pos, kv_len = input_pos, self.cache_len
+            # One new token (decode) attends over every slot: static shapes for a compiled step.
+            # Several (prefill) attend only up to the last one written, and from slot 0 that is
+            # plain causal attention, whose kernel skips the masked half.
+            q_pos = input_pos
+            kv_len = self.cache_len if seqlen == 1 else int(input_pos[-1]) + 1
         if position_ids is None:
             position_ids = q_pos[None]
-        needs_mask = input_pos is not None or padding_mask is not None or self.config.sliding_window is not None
-        mask = self._mask(q_pos, kv_len, padding_mask) if needs_mask else None
+        causal = padding_mask is None and self.config.sliding_window is None and kv_len == seqlen
+        mask = None if causal else self._mask(q_pos, kv_len, padding_mask)
 
         x = self.embed(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            x = layer(x, cos, sin, mask, input_pos, kv_len)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
