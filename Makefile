@@ -19,8 +19,10 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# Two processes: Triton reads TRITON_INTERPRET once, on import, so the kernel tests get their own.
 test: install
 	$(BIN)/pytest -q
+	TRITON_INTERPRET=1 $(BIN)/pytest -q -m interpret
 
 run: install
 	$(BIN)/minillama generate --prompt "$(PROMPT)"

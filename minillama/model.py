@@ -69,7 +69,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+    """Pre-norm residual block: h = x + attn(norm(x)); out = h + mlp(norm(h)) (the last add is the next norm's)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -79,11 +79,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
         mask: torch.Tensor | None, input_pos: torch.Tensor | None, kv_len: int,
-    ) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, kv_len)
-        return h + self.mlp(self.mlp_norm(h))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp output, residual stream): the add of each sublayer's output happens in the next norm,
+        so a fused norm does "add, then normalise" in one kernel."""
+        y, h = self.attn_norm.add_norm(x, residual)
+        y, h = self.mlp_norm.add_norm(self.attn(y, cos, sin, mask, input_pos, kv_len), h)
+        return self.mlp(y), h
 
 
 class Transformer(nn.Module):
@@ -193,8 +196,9 @@ class Transformer(nn.Module):
 
         x = self.embed(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos, kv_len)
+            x, residual = layer(x, residual, cos, sin, mask, input_pos, kv_len)
         if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+            x, residual = x[:, -1:], (residual[:, -1:] if residual is not None else None)
+        return self.lm_head(self.norm.add_norm(x, residual)[0])

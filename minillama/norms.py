@@ -1,7 +1,8 @@
 """The norm registry: name -> nn.Module class. Nothing else in minillama branches on norm names.
 
-A norm class takes `(dim, eps)` and maps [..., dim] -> [..., dim]. Adding a norm is one
-`@register_norm("name")` class.
+A norm class takes `(dim, eps)`, maps [..., dim] -> [..., dim] in `forward`, and offers
+`add_norm(x, residual)` -> (norm(x + residual), x + residual) for the pre-norm residual stream;
+subclasses with a fused kernel override it. Adding a norm is one `@register_norm("name")` class.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .kernels import rms_norm
 
 NORMS: dict[str, type[nn.Module]] = {}
 T = TypeVar("T", bound=type[nn.Module])
@@ -38,8 +40,17 @@ def build_norm(name: str, dim: int, eps: float) -> nn.Module:
     return cls(dim, eps)
 
 
+class Norm(nn.Module):
+    """Base class: the unfused residual add; a fused norm overrides `add_norm`."""
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(h), h) with h = x + residual (h = x when residual is None)."""
+        h = x if residual is None else x + residual
+        return self(h), h
+
+
 @register_norm("rmsnorm-torch")
-class RMSNorm(nn.Module):
+class RMSNorm(Norm):
     """y = x / sqrt(mean(x^2) + eps) * weight, with transformers' Llama numerics.
 
     Statistics and normalisation in fp32, cast back to the input dtype, *then* multiply by the
@@ -61,5 +72,15 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-# The default norm. The Triton issue rebinds it to the fused kernel; until then it is the torch one.
-NORMS["rmsnorm"] = RMSNorm
+@register_norm("rmsnorm")
+class FusedRMSNorm(RMSNorm):
+    """RMSNorm through minillama.kernels.rms_norm: the fused Triton kernel (residual add included)
+    on CUDA or under TRITON_INTERPRET=1, the same numbers through torch elsewhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self(x), x
+        return rms_norm(x, self.weight, self.eps, residual=residual)

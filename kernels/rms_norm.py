@@ -1,0 +1,268 @@
+"""Fused RMSNorm: y = x / sqrt(mean(x^2) + eps) * (weight + offset), with an optional residual add.
+
+Numerics (both paths): h = x + residual rounded to the input dtype (as an unfused model adds);
+statistics and normalisation in fp32; the normalised value rounded to the input dtype (HF Llama
+casting, transformers#33133); (weight + offset) formed in fp32, so Gemma's 1 + w never rounds
+to 1 in bf16; the product rounded once to promote(x.dtype, weight.dtype).
+
+Forward reads x (and residual) once and writes y (and h) once, keeping the fp32 1/rms per row.
+Backward is one pass over the rows: dx (and d-residual) per row, with dweight as fp32 partial
+sums, one row of partials per program, summed in a fixed order afterwards: deterministic.
+"""
+
+import torch
+
+from . import _common
+from ._common import as_rows, block_size, bwd_programs, jit, num_warps, tl, to_dtype, use_triton
+
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+@jit
+def _fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, N, eps, offset,
+                HAS_RES: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    X += row * stride_x
+    Y += row * stride_y
+    if HAS_RES:
+        R += row * stride_r
+        H += row * stride_h
+    if SINGLE:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        h = tl.load(X + cols, mask=mask, other=0.0)
+        if HAS_RES:
+            h = to_dtype(h.to(tl.float32) + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32), X.dtype.element_ty)
+            tl.store(H + cols, h, mask=mask)
+        hf = h.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / N + eps)
+        normed = to_dtype(hf * rstd, X.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+        tl.store(Y + cols, to_dtype(normed * w, Y.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, N, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < N
+            h = tl.load(X + cols, mask=mask, other=0.0)
+            if HAS_RES:
+                h = to_dtype(h.to(tl.float32) + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32), X.dtype.element_ty)
+                tl.store(H + cols, h, mask=mask)
+            hf = h.to(tl.float32)
+            acc += hf * hf
+        rstd = tl.rsqrt(tl.sum(acc, axis=0) / N + eps)
+        for start in range(0, N, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < N
+            if HAS_RES:
+                hf = tl.load(H + cols, mask=mask, other=0.0).to(tl.float32)
+            else:
+                hf = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+            normed = to_dtype(hf * rstd, X.dtype.element_ty).to(tl.float32)
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+            tl.store(Y + cols, to_dtype(normed * w, Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@jit
+def _bwd_kernel(DY, DH, H, W, RSTD, DX, DR, DW, stride_dy, stride_dh, stride_h, stride_dx, stride_dr,
+                M, N, offset, rows_per_program,
+                HAS_DH: tl.constexpr, STORE_DR: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    DW += pid.to(tl.int64) * N
+    if SINGLE:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        for row in range(row_start, row_end):
+            row64 = tl.cast(row, tl.int64)
+            h = tl.load(H + row64 * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row64)
+            xhat = h * rstd
+            # dweight sees the normalised value as the forward multiplied it: rounded to the input dtype.
+            dw += dy * to_dtype(xhat, H.dtype.element_ty).to(tl.float32)
+            g = dy * w
+            c = tl.sum(g * xhat, axis=0) / N
+            dx = (g - xhat * c) * rstd
+            if HAS_DH:
+                dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + row64 * stride_dx + cols, to_dtype(dx, DX.dtype.element_ty), mask=mask)
+            if STORE_DR:
+                tl.store(DR + row64 * stride_dr + cols, to_dtype(dx, DR.dtype.element_ty), mask=mask)
+        tl.store(DW + cols, dw, mask=mask)
+    else:
+        for start in range(0, N, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            tl.store(DW + cols, tl.zeros([BLOCK], dtype=tl.float32), mask=cols < N)
+        for row in range(row_start, row_end):
+            row64 = tl.cast(row, tl.int64)
+            rstd = tl.load(RSTD + row64)
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, N, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < N
+                h = tl.load(H + row64 * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+                acc += dy * w * h * rstd
+            c = tl.sum(acc, axis=0) / N
+            for start in range(0, N, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < N
+                h = tl.load(H + row64 * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+                xhat = h * rstd
+                dx = (dy * w - xhat * c) * rstd
+                if HAS_DH:
+                    dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + row64 * stride_dx + cols, to_dtype(dx, DX.dtype.element_ty), mask=mask)
+                if STORE_DR:
+                    tl.store(DR + row64 * stride_dr + cols, to_dtype(dx, DR.dtype.element_ty), mask=mask)
+                part = tl.load(DW + cols, mask=mask, other=0.0)
+                tl.store(DW + cols, part + dy * to_dtype(xhat, H.dtype.element_ty).to(tl.float32), mask=mask)
+
+
+# ---------------------------------------------------------------- the two implementations of each op
+
+def _fwd_torch(x, weight, residual, eps, offset):
+    h = x if residual is None else x + residual
+    hf = h.float()
+    rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    normed = (hf * rstd).to(h.dtype)
+    if offset:
+        y = (normed.float() * (weight.float() + offset)).to(torch.promote_types(h.dtype, weight.dtype))
+    else:  # the same numbers (torch multiplies low-precision tensors in fp32, rounding once), fewer passes
+        y = weight * normed
+    return y, h, rstd.squeeze(-1)
+
+
+def _bwd_torch(dy, dh, h, weight, rstd, offset):
+    hf, dyf = h.float(), dy.float()
+    rstd = rstd.unsqueeze(-1)
+    xhat = hf * rstd
+    g = dyf * (weight.float() + offset)
+    dx = (g - xhat * (g * xhat).mean(-1, keepdim=True)) * rstd
+    if dh is not None:
+        dx = dx + dh.float()
+    dw = (dyf * xhat.to(h.dtype).float()).reshape(-1, h.shape[-1]).sum(0)
+    return dx.to(h.dtype), dw.to(weight.dtype)
+
+
+def _fwd_triton(x, weight, residual, eps, offset):
+    n = x.shape[-1]
+    x2 = as_rows(x, n)
+    r2 = as_rows(residual, n) if residual is not None else x2
+    rows = x2.shape[0]
+    h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = torch.empty((rows, n), dtype=torch.promote_types(h_dtype, weight.dtype), device=x.device)
+    h = torch.empty((rows, n), dtype=h_dtype, device=x.device) if residual is not None else y
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows:
+        block, single = block_size(n)
+        _fwd_kernel[(rows,)](x2, r2, weight.contiguous(), y, h, rstd,
+               x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n, eps, offset,
+               HAS_RES=residual is not None, BLOCK=block, SINGLE=single, num_warps=num_warps(block))
+    shape = x.shape
+    h_out = h.view(shape) if residual is not None else x
+    return y.view(shape), h_out, rstd.view(shape[:-1])
+
+
+def _bwd_triton(dy, dh, h, weight, rstd, offset, store_dr):
+    n = h.shape[-1]
+    dy2, h2 = as_rows(dy, n), as_rows(h, n)
+    dh2 = as_rows(dh, n) if dh is not None else dy2
+    rows = h2.shape[0]
+    dx = torch.empty((rows, n), dtype=h.dtype, device=h.device)
+    dr = torch.empty_like(dx) if store_dr else dx
+    programs = bwd_programs(rows, h.device)
+    partial = torch.empty((programs, n), dtype=torch.float32, device=h.device)
+    if rows:
+        block, single = block_size(n)
+        _bwd_kernel[(programs,)](dy2, dh2, h2, weight.contiguous(), rstd.reshape(-1), dx, dr, partial,
+               dy2.stride(0), dh2.stride(0), h2.stride(0), dx.stride(0), dr.stride(0),
+               rows, n, offset, -(-rows // programs),
+               HAS_DH=dh is not None, STORE_DR=store_dr, BLOCK=block, SINGLE=single, num_warps=num_warps(block))
+        dw = partial.sum(0)
+    else:
+        dw = torch.zeros(n, dtype=torch.float32, device=h.device)
+    return dx.view(h.shape), (dr.view(h.shape) if store_dr else None), dw.to(weight.dtype)
+
+
+# ---------------------------------------------------------------- torch.library ops
+
+@torch.library.custom_op("minillama::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float,
+                 offset: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, rstd); h is x + residual (an empty tensor without residual, since outputs may not alias inputs)."""
+    if use_triton(x):
+        y, h, rstd = _fwd_triton(x, weight, residual, eps, offset)
+    else:
+        y, h, rstd = _fwd_torch(x, weight, residual, eps, offset)
+    return y, (h if residual is not None else x.new_empty(0)), rstd
+
+
+@rms_norm_fwd.register_fake
+def _(x, weight, residual, eps, offset):
+    h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = x.new_empty(x.shape, dtype=torch.promote_types(h_dtype, weight.dtype))
+    h = x.new_empty(x.shape, dtype=h_dtype) if residual is not None else x.new_empty(0)
+    return y, h, x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("minillama::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor,
+                 rstd: torch.Tensor, offset: float, has_residual: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dresidual, dweight); dresidual is empty without residual."""
+    if use_triton(h):
+        dx, dr, dw = _bwd_triton(dy, dh, h, weight, rstd, offset, has_residual)
+    else:
+        dx, dw = _bwd_torch(dy, dh, h, weight, rstd, offset)
+        dr = dx.clone() if has_residual else None  # two gradients must never share storage
+    return dx, (dr if has_residual else h.new_empty(0)), dw
+
+
+@rms_norm_bwd.register_fake
+def _(dy, dh, h, weight, rstd, offset, has_residual):
+    return torch.empty_like(h), (torch.empty_like(h) if has_residual else h.new_empty(0)), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, residual, eps, offset = inputs
+    _, h, rstd = output
+    ctx.save_for_backward(h if residual is not None else x, weight, rstd)
+    ctx.offset, ctx.has_residual = offset, residual is not None
+
+
+def _backward(ctx, dy, dh, drstd):
+    h, weight, rstd = ctx.saved_tensors
+    dh = dh if ctx.has_residual and dh is not None and dh.numel() else None
+    dx, dr, dw = rms_norm_bwd(dy, dh, h, weight, rstd, ctx.offset, ctx.has_residual)
+    return dx, dw, (dr if ctx.has_residual else None), None, None
+
+
+rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
+    residual: torch.Tensor | None = None, offset: float = 0.0,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of x (or of h = x + residual, returning (y, h)) over the last dimension.
+
+    Triton on CUDA or under TRITON_INTERPRET=1, torch otherwise; same numbers either way.
+    """
+    if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+    if _common.use_op(x):
+        y, h, _ = rms_norm_fwd(x, weight, residual, float(eps), float(offset))
+    else:
+        y, h, _ = _fwd_torch(x, weight, residual, float(eps), float(offset))
+    return (y, h) if residual is not None else y

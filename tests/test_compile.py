@@ -1,0 +1,47 @@
+"""torch.compile(fullgraph=True) through the registered norm ops (their CPU torch implementation)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import minillama
+from minillama.kernels import _common, layer_norm
+
+
+@pytest.fixture
+def through_op(monkeypatch):
+    monkeypatch.setattr(_common, "CPU_THROUGH_OP", True)
+
+
+def test_model_compiles_without_graph_breaks(make_hf, through_op):
+    _, path = make_hf("llama", num_key_value_heads=2)
+    model = minillama.from_pretrained(path)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = model(ids)
+        explained = torch._dynamo.explain(model)(ids)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+        assert "minillama.rms_norm_fwd" in str(explained.graphs[0].code)
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(ids), eager)
+
+
+def test_training_step_compiles_through_the_backward_ops(through_op):
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 32)
+    res = torch.randn(4, 6, 32)
+    w, b = torch.rand(32) + 0.5, torch.randn(32)
+
+    def step(x, res, w, b):
+        y, h = minillama.kernels.rms_norm(x, w, 1e-6, residual=res)
+        z, _ = layer_norm(y, w, b, 1e-5, residual=h)
+        return (z * z).sum()
+
+    grads = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        inputs = [t.clone().requires_grad_() for t in (x, res, w, b)]
+        fn(*inputs).backward()
+        grads.append([t.grad for t in inputs])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
