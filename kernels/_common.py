@@ -57,6 +57,16 @@ def to_dtype(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
+@jit
+def load_h(X, R, H, cols, mask, HAS_RES: tl.constexpr):
+    """One chunk of h = x (+ residual, rounded to x's dtype and stored to H), returned in fp32."""
+    h = tl.load(X + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        h = to_dtype(h.to(tl.float32) + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32), X.dtype.element_ty)
+        tl.store(H + cols, h, mask=mask)
+    return h.to(tl.float32)
+
+
 def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """View t as [rows, n] with unit column stride, copying only when that is impossible.
 

@@ -8,7 +8,7 @@ optional fused residual add, one-pass backward with deterministic fp32 dweight/d
 import torch
 
 from . import _common
-from ._common import as_rows, block_size, bwd_programs, jit, num_warps, tl, to_dtype, use_triton
+from ._common import as_rows, block_size, bwd_programs, jit, load_h, num_warps, tl, to_dtype, use_triton
 
 
 
@@ -21,14 +21,11 @@ def _fwd_kernel(X, R, W, B, Y, H, MEAN, RSTD, stride_x, stride_r, stride_y, stri
     if HAS_RES:
         R += row * stride_r
         H += row * stride_h
+    H_or_X = H if HAS_RES else X  # where h lives once the residual add has been stored
     if SINGLE:
         cols = tl.arange(0, BLOCK)
         mask = cols < N
-        h = tl.load(X + cols, mask=mask, other=0.0)
-        if HAS_RES:
-            h = to_dtype(h.to(tl.float32) + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32), X.dtype.element_ty)
-            tl.store(H + cols, h, mask=mask)
-        hf = h.to(tl.float32)
+        hf = load_h(X, R, H, cols, mask, HAS_RES)
         mean = tl.sum(hf, axis=0) / N
         diff = tl.where(mask, hf - mean, 0.0)
         rstd = tl.rsqrt(tl.sum(diff * diff, axis=0) / N + eps)
@@ -40,32 +37,20 @@ def _fwd_kernel(X, R, W, B, Y, H, MEAN, RSTD, stride_x, stride_r, stride_y, stri
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            mask = cols < N
-            h = tl.load(X + cols, mask=mask, other=0.0)
-            if HAS_RES:
-                h = to_dtype(h.to(tl.float32) + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32), X.dtype.element_ty)
-                tl.store(H + cols, h, mask=mask)
-            acc += h.to(tl.float32)
+            acc += load_h(X, R, H, cols, cols < N, HAS_RES)
         mean = tl.sum(acc, axis=0) / N
         # Variance in a second pass around the mean: no E[x^2] - E[x]^2 cancellation.
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < N
-            if HAS_RES:
-                hf = tl.load(H + cols, mask=mask, other=0.0).to(tl.float32)
-            else:
-                hf = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-            diff = tl.where(mask, hf - mean, 0.0)
+            diff = tl.where(mask, tl.load(H_or_X + cols, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
             acc += diff * diff
         rstd = tl.rsqrt(tl.sum(acc, axis=0) / N + eps)
         for start in range(0, N, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < N
-            if HAS_RES:
-                hf = tl.load(H + cols, mask=mask, other=0.0).to(tl.float32)
-            else:
-                hf = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+            hf = tl.load(H_or_X + cols, mask=mask, other=0.0).to(tl.float32)
             y = (hf - mean) * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)

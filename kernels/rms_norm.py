@@ -13,7 +13,7 @@ sums, one row of partials per program, summed in a fixed order afterwards: deter
 import torch
 
 from . import _common
-from ._common import as_rows, block_size, bwd_programs, jit, num_warps, tl, to_dtype, use_triton
+from ._common import as_rows, block_size, bwd_programs, jit, load_h, num_warps, tl, to_dtype, use_triton
 
 
 
@@ -28,14 +28,11 @@ def _fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, N, 
     if HAS_RES:
         R += row * stride_r
         H += row * stride_h
+    H_or_X = H if HAS_RES else X  # where h lives once the residual add has been stored
     if SINGLE:
         cols = tl.arange(0, BLOCK)
         mask = cols < N
-        h = tl.load(X + cols, mask=mask, other=0.0)
-        if HAS_RES:
-            h = to_dtype(h.to(tl.float32) + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32), X.dtype.element_ty)
-            tl.store(H + cols, h, mask=mask)
-        hf = h.to(tl.float32)
+        hf = load_h(X, R, H, cols, mask, HAS_RES)
         rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / N + eps)
         normed = to_dtype(hf * rstd, X.dtype.element_ty).to(tl.float32)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
@@ -44,21 +41,13 @@ def _fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, N, 
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            mask = cols < N
-            h = tl.load(X + cols, mask=mask, other=0.0)
-            if HAS_RES:
-                h = to_dtype(h.to(tl.float32) + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32), X.dtype.element_ty)
-                tl.store(H + cols, h, mask=mask)
-            hf = h.to(tl.float32)
+            hf = load_h(X, R, H, cols, cols < N, HAS_RES)
             acc += hf * hf
         rstd = tl.rsqrt(tl.sum(acc, axis=0) / N + eps)
         for start in range(0, N, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < N
-            if HAS_RES:
-                hf = tl.load(H + cols, mask=mask, other=0.0).to(tl.float32)
-            else:
-                hf = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+            hf = tl.load(H_or_X + cols, mask=mask, other=0.0).to(tl.float32)
             normed = to_dtype(hf * rstd, X.dtype.element_ty).to(tl.float32)
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
             tl.store(Y + cols, to_dtype(normed * w, Y.dtype.element_ty), mask=mask)
