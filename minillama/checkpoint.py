@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 import uuid
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig, checkpoint_dtype, load_config, parse_dtype, to_hf_config
 from .errors import CheckpointError, ConfigError
 from .model import Transformer
-from .norms import build_norm
+from .norms import Norm
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -47,7 +48,9 @@ class Target:
 def hf_layout(cfg: ModelConfig) -> dict[str, Target]:
     """HF tensor name -> Target, for every tensor a checkpoint of `cfg` holds."""
     hd, q, kv, inter = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
-    norm_params = [n for n, _ in build_norm(cfg.norm, 1, cfg.rms_norm_eps).named_parameters()]
+    # Llama/Mistral checkpoints hold RMSNorm gains only; a swapped-in norm takes them as its
+    # `weight` and starts its other parameters from Norm.reset_unloaded().
+    norm_params = ["weight"]
     layout: dict[str, Target] = {"model.embed_tokens.weight": Target("embed.weight")}
     if not cfg.tie_word_embeddings:
         layout["lm_head.weight"] = Target("lm_head.weight")
@@ -189,6 +192,13 @@ def from_pretrained(
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
     load_weights(model, path)
+    swapped = [m for m in model.modules() if isinstance(m, Norm) and not m.hf_compatible]
+    for norm_module in swapped:
+        norm_module.reset_unloaded()
+    if swapped:
+        extra = sum(p.numel() for m in swapped for n, p in m.named_parameters() if n != "weight")
+        warnings.warn(f"{path}: RMSNorm gains loaded into {cfg.norm!r} as its weight (gamma)"
+                      + (f"; its other {extra:,} parameters (beta) start at 0" if extra else ""), stacklevel=2)
     generation = path / "generation_config.json"
     if generation.is_file():
         try:
@@ -259,6 +269,9 @@ def save_pretrained(
     """
     limit = _parse_size(max_shard_size)
     cfg = model.config
+    if any(isinstance(m, Norm) and not m.hf_compatible for m in model.modules()):
+        raise CheckpointError(f"{path}: norm {cfg.norm!r} has no Llama/Mistral equivalent in transformers; "
+                              "only RMSNorm models save to the Hugging Face format")
     layout = hf_layout(cfg)
     params = dict(model.named_parameters())
     shards: list[list[str]] = [[]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -146,7 +147,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: the checkpoint's")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
-    p.add_argument("--norm", default=None, help="replace the checkpoint's norm by a registered one")
+    from .norms import NORMS
+
+    p.add_argument("--norm", default=None, help=f"replace the checkpoint's RMSNorm: {', '.join(sorted(NORMS))} "
+                   "(options in the name, e.g. prmsnorm:p=0.125)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -190,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `minillama` console script."""
     args = build_parser().parse_args(argv)
+    # Library warnings (e.g. a norm swap) as one line, without Python's source-line echo.
+    warnings.formatwarning = lambda message, *_, **__: f"minillama: warning: {message}\n"
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

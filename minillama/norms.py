@@ -1,8 +1,12 @@
 """The norm registry: name -> nn.Module class. Nothing else in minillama branches on norm names.
 
-A norm class takes `(dim, eps)`, maps [..., dim] -> [..., dim] in `forward`, and offers
+A norm class takes `(dim, eps, **options)`, maps [..., dim] -> [..., dim] in `forward`, and offers
 `add_norm(x, residual)` -> (norm(x + residual), x + residual) for the pre-norm residual stream;
 subclasses with a fused kernel override it. Adding a norm is one `@register_norm("name")` class.
+
+Names may carry options: "prmsnorm:p=0.125". Every norm has a `weight` (gamma), which is what a
+Llama/Mistral checkpoint's RMSNorm provides; other parameters (a LayerNorm's beta) start from
+`reset_unloaded()` when a checkpoint is loaded into them.
 """
 
 from __future__ import annotations
@@ -10,10 +14,11 @@ from __future__ import annotations
 from typing import Callable, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .kernels import rms_norm
+from .kernels import layer_norm, rms_norm
 
 NORMS: dict[str, type[nn.Module]] = {}
 T = TypeVar("T", bound=type[nn.Module])
@@ -31,17 +36,41 @@ def register_norm(name: str) -> Callable[[T], T]:
     return wrap
 
 
-def build_norm(name: str, dim: int, eps: float) -> nn.Module:
-    """Instantiate the registered norm `name` for hidden size `dim`."""
+def parse_norm(spec: str) -> tuple[str, dict[str, float]]:
+    """"prmsnorm:p=0.125" -> ("prmsnorm", {"p": 0.125}); ConfigError for unknown names or bad options."""
+    name, _, opts = str(spec).partition(":")
+    if name not in NORMS:
+        raise ConfigError(f"unknown norm {name!r}; registered: {', '.join(sorted(NORMS))}")
+    options: dict[str, float] = {}
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        try:
+            options[key.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"norm {spec!r}: option {item!r} is not key=number") from None
+        if not eq:
+            raise ConfigError(f"norm {spec!r}: option {item!r} is not key=number")
+    return name, options
+
+
+def build_norm(spec: str, dim: int, eps: float) -> nn.Module:
+    """Instantiate the registered norm `spec` ("name" or "name:key=value,...") for hidden size `dim`."""
+    name, options = parse_norm(spec)
     try:
-        cls = NORMS[name]
-    except KeyError:
-        raise ConfigError(f"unknown norm {name!r}; registered: {', '.join(sorted(NORMS))}") from None
-    return cls(dim, eps)
+        return NORMS[name](dim, eps, **options)
+    except TypeError as e:
+        raise ConfigError(f"norm {spec!r}: {e}") from None
 
 
 class Norm(nn.Module):
     """Base class: the unfused residual add; a fused norm overrides `add_norm`."""
+
+    # True when transformers' LlamaRMSNorm computes the same function (up to rounding), so a
+    # model with this norm can be saved as a Llama/Mistral checkpoint.
+    hf_compatible = False
+
+    def reset_unloaded(self) -> None:
+        """Initialise what an RMSNorm checkpoint does not provide (everything but `weight`)."""
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(h), h) with h = x + residual (h = x when residual is None)."""
@@ -56,6 +85,8 @@ class RMSNorm(Norm):
     Statistics and normalisation in fp32, cast back to the input dtype, *then* multiply by the
     weight: the order changes bf16 outputs (transformers#33133), so parity needs exactly this one.
     """
+
+    hf_compatible = True
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -84,3 +115,106 @@ class FusedRMSNorm(RMSNorm):
         if residual is None:
             return self(x), x
         return rms_norm(x, self.weight, self.eps, residual=residual)
+
+
+@register_norm("rmsnorm-native")
+class NativeRMSNorm(RMSNorm):
+    """torch.nn.functional.rms_norm: one fused torch op (one rounding, not transformers' two)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+@register_norm("rmsnorm-compiled")
+class CompiledRMSNorm(RMSNorm):
+    """transformers' formula through torch.compile: the peer a hand-written kernel must beat."""
+
+    _compiled = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if CompiledRMSNorm._compiled is None:
+            CompiledRMSNorm._compiled = torch.compile(RMSNorm.forward, dynamic=True)
+        return CompiledRMSNorm._compiled(self, x)
+
+
+@register_norm("prmsnorm")
+class PartialRMSNorm(RMSNorm):
+    """pRMSNorm (Zhang & Sennrich 2019): the RMS estimated from the first p of the features only."""
+
+    hf_compatible = False
+
+    def __init__(self, dim: int, eps: float = 1e-6, p: float = 0.0625) -> None:
+        super().__init__(dim, eps)
+        if not 0 < p <= 1:
+            raise ConfigError(f"prmsnorm: p must be in (0, 1], got {p}")
+        self.p, self.k = p, max(1, int(dim * p))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x[..., : self.k].pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, p={self.p} ({self.k} features)"
+
+
+@register_norm("layernorm")
+class LayerNorm(Norm):
+    """torch.nn.functional.layer_norm: y = (x - mean) / sqrt(var + eps) * weight + bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def reset_unloaded(self) -> None:
+        with torch.no_grad():
+            self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+@register_norm("layernorm-triton")
+class FusedLayerNorm(LayerNorm):
+    """LayerNorm through minillama.kernels.layer_norm (Triton where it runs, residual add fused)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self(x), x
+        return layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+
+
+@register_norm("batchnorm")
+class BatchNorm(Norm):
+    """BatchNorm over the features, statistics across batch and positions (running averages in eval).
+
+    For from-scratch training only: its output for one sequence depends on the others in the batch.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+
+    def reset_unloaded(self) -> None:
+        with torch.no_grad():
+            self.bias.zero_()
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.batch_norm(x.reshape(-1, x.shape[-1]), self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return y.reshape(x.shape)
