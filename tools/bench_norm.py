@@ -1,0 +1,324 @@
+#!/usr/bin/env python
+"""What swapping the norm costs or saves: op speed, model speed, and the change in the outputs.
+
+Op level: every registered norm over hidden sizes x rows x dtypes, forward (and forward+backward
+with --train): median and min-max over repeats, GB/s (forward reads x and writes y; backward also
+reads dy and writes dx) and the % of a read+write bandwidth measured in this run.
+
+Model level: the same checkpoint (default: the embedded SmolLM2) loaded with each norm, each in
+its own process (peak memory is its own): prefill and decode tok/s, the share of a forward pass
+spent inside norm modules (torch profiler), peak memory, and the output effect: perplexity on a
+fixed text and the KL divergence of next-token distributions from the checkpoint's own norm.
+
+Writes a markdown table to stdout and results.json, results.md and PNG plots to --out.
+
+    python tools/bench_norm.py                       # full run
+    python tools/bench_norm.py --quick --out out     # under a minute
+    python tools/bench_norm.py --model DIR --norms rmsnorm,layernorm --train
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+REFERENCE_NORM = "rmsnorm-torch"  # the checkpoint's own norm, transformers' numerics
+# A fixed, public-domain text for perplexity (Jane Austen, Pride and Prejudice, chapter 1).
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+    "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
+    "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered "
+    "the rightful property of some one or other of their daughters. \"My dear Mr. Bennet,\" said his lady to him "
+    "one day, \"have you heard that Netherfield Park is let at last?\" Mr. Bennet replied that he had not. \"But "
+    "it is,\" returned she; \"for Mrs. Long has just been here, and she told me all about it.\" Mr. Bennet made "
+    "no answer. \"Do you not want to know who has taken it?\" cried his wife impatiently. \"You want to tell me, "
+    "and I have no objection to hearing it.\" This was invitation enough."
+)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, repeats: int, inner: int = 1) -> list[float]:
+    """Seconds per call: `repeats` samples of `inner` calls, after two warm-up calls."""
+    fn(), fn()
+    _sync(device)
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        _sync(device)
+        out.append((time.perf_counter() - t) / inner)
+    return out
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """GB/s of a large copy (read + write), the op-level roofline."""
+    n = (2**30 if device.type == "cuda" else 2**27) // 4
+    a = torch.randn(n, device=device)
+    b = torch.empty_like(a)
+    return 2 * n * 4 / statistics.median(timed(lambda: b.copy_(a), device, 5)) / 1e9
+
+
+def op_level(args: argparse.Namespace, norms: list[str], device: torch.device, peak: float) -> list[dict]:
+    from minillama.norms import build_norm
+
+    rows = []
+    grid = [(d, h, r) for d in args.dtypes.split(",") for h in map(int, args.hidden.split(","))
+            for r in map(int, args.rows.split(","))]
+    for dtype_name, hidden, nrows in tqdm(grid, desc="op level", file=sys.stderr):
+        dtype = getattr(torch, dtype_name)
+        x = torch.randn(nrows, hidden, device=device, dtype=dtype)
+        dy = torch.randn_like(x)
+        for name in norms:
+            norm = build_norm(name, hidden, 1e-6).to(device=device, dtype=dtype)
+            norm.train(args.train)
+            inner = 1 if device.type == "cpu" and nrows * hidden > 2**20 else 5
+            fwd = timed(lambda: norm(x), device, args.repeats, inner)
+            row = {"norm": name, "dtype": dtype_name, "hidden": hidden, "rows": nrows,
+                   "fwd_s": fwd, "fwd_gb_s": 2 * x.numel() * x.element_size() / statistics.median(fwd) / 1e9}
+            if args.train:
+                xg = x.detach().requires_grad_()
+
+                def step() -> None:
+                    norm(xg).backward(dy)
+
+                train = timed(step, device, args.repeats, inner)
+                row.update(train_s=train,
+                           train_gb_s=5 * x.numel() * x.element_size() / statistics.median(train) / 1e9)
+            row["fwd_pct_peak"] = 100 * row["fwd_gb_s"] / peak
+            rows.append(row)
+    return rows
+
+
+def _token_ids(model_dir: Path, vocab: int, n: int) -> torch.Tensor:
+    """The fixed text through the checkpoint's tokenizer; a model without one gets its bytes mod vocab."""
+    try:
+        from minillama import load_tokenizer
+
+        ids = load_tokenizer(model_dir)(TEXT * 8, add_special_tokens=False).input_ids
+    except Exception:  # a tokenizer-less test checkpoint
+        ids = [b % vocab for b in (TEXT * 8).encode()]
+    return torch.tensor([ids[:n]])
+
+
+def model_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One norm, one process: speed, norm share, peak memory and (vs saved reference log-probs) KL/ppl."""
+    import warnings
+
+    import minillama
+    from minillama.generate import generate
+    from minillama.norms import Norm
+
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = minillama.from_pretrained(args.model, dtype=args.dtype, device=device, norm=args.norm)
+    ids = _token_ids(Path(args.model), model.config.vocab_size, args.prefill).to(device)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).float(), -1)[0]
+    nll = -logprobs[:-1].gather(-1, ids[0, 1:, None]).mean().item()
+    # A norm without usable statistics (BatchNorm on a pretrained model) can overflow: report None.
+    result: dict[str, Any] = {"norm": args.norm, "perplexity": math.exp(nll) if math.isfinite(nll) else None}
+    if args.reference:
+        from safetensors.torch import load_file
+
+        ref = load_file(args.reference)["logprobs"].to(device)
+        kl = (ref.exp() * (ref - logprobs)).sum(-1).mean().item()
+        result["kl_from_reference"] = kl if math.isfinite(kl) else None
+
+    prompt = ids[:, :16]
+    prefill = timed(lambda: generate(model, ids, 1, eos_token_id=[]), device, args.repeats)
+    full = timed(lambda: generate(model, prompt, args.new_tokens, eos_token_id=[]), device, args.repeats)
+    one = timed(lambda: generate(model, prompt, 1, eos_token_id=[]), device, args.repeats)
+    result["prefill_tok_s"] = ids.shape[1] / statistics.median(prefill)
+    result["decode_tok_s"] = (args.new_tokens - 1) / max(statistics.median(full) - statistics.median(one), 1e-9)
+
+    # Share of a forward pass inside norm modules: every norm call in the decoder goes through
+    # add_norm (fused or not), so a record_function span around it on each instance catches them all.
+    def spanned(fn):
+        def wrapper(*a, **k):
+            with torch.profiler.record_function("norm"):
+                return fn(*a, **k)
+        return wrapper
+
+    for m in model.modules():
+        if isinstance(m, Norm):
+            m.add_norm = spanned(m.add_norm)
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad(), profile(activities=activities) as prof:
+        model(ids)
+        _sync(device)
+    events = {e.key: e for e in prof.key_averages()}
+    total = sum(e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total for e in events.values())
+    norm_event = events.get("norm")
+    norm_time = 0 if norm_event is None else (
+        norm_event.device_time_total if device.type == "cuda" else norm_event.cpu_time_total)
+    result["norm_time_share"] = norm_time / max(total, 1)
+    result["params"] = sum(p.numel() for p in model.parameters())
+    result["peak_mem_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return result
+
+
+def model_level(args: argparse.Namespace, norms: list[str], model_dir: Path) -> list[dict]:
+    import warnings
+
+    import minillama
+    from safetensors.torch import save_file
+
+    warnings.simplefilter("ignore")
+    dtype = args.dtypes.split(",")[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = Path(tmp) / "reference.safetensors"
+        ref_model = minillama.from_pretrained(model_dir, dtype=dtype, device=args.device, norm=REFERENCE_NORM)
+        ids = _token_ids(model_dir, ref_model.config.vocab_size, args.prefill).to(args.device)
+        with torch.no_grad():
+            save_file({"logprobs": torch.log_softmax(ref_model(ids).float(), -1)[0].cpu().contiguous()}, reference)
+        del ref_model
+        rows = []
+        for name in tqdm(norms, desc="model level", file=sys.stderr):
+            cmd = [sys.executable, __file__, "--worker", "--model", str(model_dir), "--norm", name, "--dtype", dtype,
+                   "--device", args.device, "--reference", str(reference), "--prefill", str(args.prefill),
+                   "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if out.returncode:
+                sys.exit(f"model-level worker for {name} failed:\n{out.stderr[-3000:]}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row["dtype"] = dtype
+            rows.append(row)
+    return rows
+
+
+def markdown(meta: dict, ops: list[dict], models: list[dict], train: bool) -> str:
+    lines = [f"# bench_norm on {meta['device']} (torch {meta['torch']}); copy bandwidth {meta['bandwidth_gb_s']:.0f} "
+             "GB/s; median [min-max]", "", "## Op level", ""]
+    head = "| norm | dtype | hidden | rows | fwd us | fwd GB/s | % of bandwidth |" + (" fwd+bwd us |" if train else "")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in ops:
+        f = r["fwd_s"]
+        line = (f"| {r['norm']} | {r['dtype']} | {r['hidden']} | {r['rows']} | {statistics.median(f) * 1e6:.1f} "
+                f"[{min(f) * 1e6:.1f}-{max(f) * 1e6:.1f}] | {r['fwd_gb_s']:.1f} | {r['fwd_pct_peak']:.0f}% |")
+        if train:
+            t = r["train_s"]
+            line += f" {statistics.median(t) * 1e6:.1f} [{min(t) * 1e6:.1f}-{max(t) * 1e6:.1f}] |"
+        lines.append(line)
+    if models:
+        lines += ["", f"## Model level: {meta['model']} ({models[0]['dtype']})", "",
+                  "| norm | params | prefill tok/s | decode tok/s | norm share of forward | peak MB | perplexity "
+                  "| KL from checkpoint norm |", "|---|---|---|---|---|---|---|---|"]
+        for r in models:
+            ppl, kl = r["perplexity"], r.get("kl_from_reference")
+            lines.append(f"| {r['norm']} | {r['params']:,} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} "
+                         f"| {100 * r['norm_time_share']:.1f}% | {r['peak_mem_mb']:.0f} "
+                         f"| {'diverged' if ppl is None else f'{ppl:.2f}'} | {'n/a' if kl is None else f'{kl:.3g}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(out: Path, ops: list[dict], models: list[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rows_max = max(r["rows"] for r in ops)
+    for dtype in sorted({r["dtype"] for r in ops}):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name in sorted({r["norm"] for r in ops}):
+            pts = sorted((r["hidden"], r["fwd_gb_s"]) for r in ops
+                         if r["norm"] == name and r["dtype"] == dtype and r["rows"] == rows_max)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set(xscale="log", xlabel="hidden size", ylabel="GB/s (forward)",
+               title=f"Norm forward, {rows_max} rows, {dtype}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"op_{dtype}.png", dpi=120)
+        plt.close(fig)
+        written.append(f"op_{dtype}.png")
+    if models:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+        names = [r["norm"] for r in models]
+        for ax, key, label in zip(axes, ("prefill_tok_s", "decode_tok_s", "kl_from_reference"),
+                                  ("prefill tok/s", "decode tok/s", "KL from checkpoint norm")):
+            ax.barh(names, [r.get(key) or 0.0 for r in models])
+            ax.set_xlabel(label)
+        fig.tight_layout()
+        fig.savefig(out / "model.png", dpi=120)
+        plt.close(fig)
+        written.append("model.png")
+    return written
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="HF checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--norms", default=None, help="comma-separated registry names (default: all)")
+    p.add_argument("--hidden", default="576,2048,4096,8192")
+    p.add_argument("--rows", default="1,128,2048")
+    p.add_argument("--dtypes", default=None, help="default: bfloat16,float32 on CUDA, float32,bfloat16 on CPU")
+    p.add_argument("--train", action="store_true", help="also time forward+backward")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prefill", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--no-model", action="store_true", help="op level only")
+    p.add_argument("--quick", action="store_true", help="small sizes, few repeats: under a minute")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="bench_norm_out")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--norm", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", help=argparse.SUPPRESS)
+    p.add_argument("--reference", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(model_worker(args)))
+        return
+
+    from minillama.norms import NORMS
+
+    if args.quick:
+        args.hidden, args.rows, args.repeats, args.prefill, args.new_tokens = "576", "1,128", 2, 32, 4
+    args.dtypes = args.dtypes or ("bfloat16,float32" if args.device == "cuda" else "float32,bfloat16")
+    norms = args.norms.split(",") if args.norms else sorted(NORMS)
+    device = torch.device(args.device)
+    model_dir = Path(args.model) if args.model else None
+    if model_dir is None and not args.no_model:
+        from minillama.assets import default_model_dir
+
+        model_dir = default_model_dir()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "bandwidth_gb_s": copy_bandwidth(device),
+            "model": str(model_dir) if model_dir else None, "byte_model": "fwd: read x + write y; "
+            "fwd+bwd: + read x, dy, write dx"}
+    ops = op_level(args, norms, device, meta["bandwidth_gb_s"])
+    models = [] if args.no_model else model_level(args, norms, model_dir)
+    table = markdown(meta, ops, models, args.train)
+    print(table)
+    (out / "results.md").write_text(table)
+    pngs = plots(out, ops, models)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "op_level": ops, "model_level": models,
+                                                  "plots": pngs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
