@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,25 @@ def test_bench_norm_quick(make_hf, tmp_path):
     for png in results["plots"]:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "results.md").read_text().startswith("# bench_norm")
+
+
+def test_ablate_norm_quick(tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, str(TOOLS / "ablate_norm.py"), "--quick", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["corpus_bytes"] > 5_000_000  # the real Gutenberg texts, not a toy string
+    rows = {r["norm"]: r for r in results["results"]}
+    assert set(rows) == {"rmsnorm", "layernorm", "prmsnorm", "batchnorm"}
+    for r in rows.values():
+        assert {"params", "final_val_loss", "val_loss_batch_stats_bs1", "val_loss_batch_stats_bs16",
+                "step_s_median", "tokens_per_s", "curve"} <= set(r)
+        assert r["curve"][-1]["train_loss"] < r["curve"][0]["train_loss"]  # it learns
+        assert math.isfinite(r["final_val_loss"])
+    # only BatchNorm's output depends on what else is in the batch
+    assert rows["rmsnorm"]["val_loss_batch_stats_bs1"] == pytest.approx(rows["rmsnorm"]["val_loss_batch_stats_bs16"])
+    assert rows["batchnorm"]["val_loss_batch_stats_bs1"] != pytest.approx(
+        rows["batchnorm"]["val_loss_batch_stats_bs16"], rel=1e-4)
+    assert rows["layernorm"]["params"] - rows["rmsnorm"]["params"] == 5 * 64
+    assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
