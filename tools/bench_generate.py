@@ -82,7 +82,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             # eos_token_id=-1: never stop early (transformers warns, then runs to max_new_tokens)
             return model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=-1, pad_token_id=0)
     else:
-        model = minillama.from_pretrained(model_dir, dtype=dtype, device=device)
+        model = minillama.from_pretrained(model_dir, dtype=dtype, device=device, norm=args.norm)
         compile_step = args.impl == "minillama-compiled"
 
         def run(n: int, ids: torch.Tensor = prompt) -> torch.Tensor:
@@ -124,6 +124,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--norm", default=None, help="minillama's norm (a registry name; default: the checkpoint's)")
     p.add_argument("--json", help="also write all results here")
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -150,7 +151,8 @@ def main() -> None:
         for impl in args.impls.split(","):
             cmd = [sys.executable, __file__, "--impl", impl, "--dtype", dtype, "--threads", str(args.threads),
                    "--device", args.device, "--new-tokens", str(args.new_tokens), "--prefill", str(args.prefill),
-                   "--repeats", str(args.repeats)] + (["--model", args.model] if args.model else [])
+                   "--repeats", str(args.repeats)] + (["--model", args.model] if args.model else []) \
+                + (["--norm", args.norm] if args.norm else [])
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"worker {impl}/{dtype} failed:\n{out.stderr[-3000:]}")

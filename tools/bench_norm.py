@@ -129,19 +129,19 @@ def model_worker(args: argparse.Namespace) -> dict[str, Any]:
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     device = torch.device(args.device)
+    from safetensors.torch import load_file
+
     model = minillama.from_pretrained(args.model, dtype=args.dtype, device=device, norm=args.norm)
-    ids = _token_ids(Path(args.model), model.config.vocab_size, args.prefill).to(device)
+    # The parent tokenised the text once (workers never import transformers) and saved the reference.
+    saved = load_file(args.reference)
+    ids, ref = saved["ids"].to(device), saved["logprobs"].to(device)
     with torch.no_grad():
         logprobs = torch.log_softmax(model(ids).float(), -1)[0]
     nll = -logprobs[:-1].gather(-1, ids[0, 1:, None]).mean().item()
+    kl = (ref.exp() * (ref - logprobs)).sum(-1).mean().item()
     # A norm without usable statistics (BatchNorm on a pretrained model) can overflow: report None.
-    result: dict[str, Any] = {"norm": args.norm, "perplexity": math.exp(nll) if math.isfinite(nll) else None}
-    if args.reference:
-        from safetensors.torch import load_file
-
-        ref = load_file(args.reference)["logprobs"].to(device)
-        kl = (ref.exp() * (ref - logprobs)).sum(-1).mean().item()
-        result["kl_from_reference"] = kl if math.isfinite(kl) else None
+    result: dict[str, Any] = {"norm": args.norm, "perplexity": math.exp(nll) if math.isfinite(nll) else None,
+                              "kl_from_reference": kl if math.isfinite(kl) else None}
 
     prompt = ids[:, :16]
     prefill = timed(lambda: generate(model, ids, 1, eos_token_id=[]), device, args.repeats)
@@ -192,17 +192,23 @@ def model_level(args: argparse.Namespace, norms: list[str], model_dir: Path) -> 
         ref_model = minillama.from_pretrained(model_dir, dtype=dtype, device=args.device, norm=REFERENCE_NORM)
         ids = _token_ids(model_dir, ref_model.config.vocab_size, args.prefill).to(args.device)
         with torch.no_grad():
-            save_file({"logprobs": torch.log_softmax(ref_model(ids).float(), -1)[0].cpu().contiguous()}, reference)
+            save_file({"logprobs": torch.log_softmax(ref_model(ids).float(), -1)[0].cpu().contiguous(),
+                       "ids": ids.cpu().contiguous()}, reference)
         del ref_model
         rows = []
         for name in tqdm(norms, desc="model level", file=sys.stderr):
-            cmd = [sys.executable, __file__, "--worker", "--model", str(model_dir), "--norm", name, "--dtype", dtype,
-                   "--device", args.device, "--reference", str(reference), "--prefill", str(args.prefill),
-                   "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if out.returncode:
-                sys.exit(f"model-level worker for {name} failed:\n{out.stderr[-3000:]}")
-            row = json.loads(out.stdout.strip().splitlines()[-1])
+            worker_args = ["--worker", "--model", str(model_dir), "--norm", name, "--dtype", dtype,
+                           "--device", args.device, "--reference", str(reference), "--prefill", str(args.prefill),
+                           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+            if args.quick:  # one process for all (a smoke run): peak memory is then the shared maximum
+                row = model_worker(parser().parse_args(worker_args))
+                row["peak_mem_shared"] = True
+            else:
+                out = subprocess.run([sys.executable, __file__, *worker_args], capture_output=True, text=True,
+                                     env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                if out.returncode:
+                    sys.exit(f"model-level worker for {name} failed:\n{out.stderr[-3000:]}")
+                row = json.loads(out.stdout.strip().splitlines()[-1])
             row["dtype"] = dtype
             rows.append(row)
     return rows
@@ -268,7 +274,7 @@ def plots(out: Path, ops: list[dict], models: list[dict]) -> list[str]:
     return written
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--norms", default=None, help="comma-separated registry names (default: all)")
@@ -280,14 +286,19 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--no-model", action="store_true", help="op level only")
-    p.add_argument("--quick", action="store_true", help="small sizes, few repeats: under a minute")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes, few repeats, model level in one process: a smoke run, about a minute")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench_norm_out")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--norm", help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     p.add_argument("--reference", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.worker:
         print(json.dumps(model_worker(args)))
         return
