@@ -18,39 +18,16 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from benchutil import median_spread, read_bandwidth, timed
 
 IMPLS = ("transformers", "minillama", "minillama-compiled")
-
-
-def _median_spread(xs: list[float]) -> tuple[float, float, float]:
-    return statistics.median(xs), min(xs), max(xs)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
-
-
-def memory_bandwidth(device: torch.device, mbytes: int = 512) -> float:
-    """GB/s of a large read (sum of a tensor bigger than any cache), the decode roofline's denominator."""
-    x = torch.randn(mbytes * 2**20 // 4, device=device)
-    for _ in range(2):
-        x.sum()
-    times = [_timed(lambda: x.sum(), device) for _ in range(5)]
-    return x.numel() * 4 / statistics.median(times) / 1e9
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -96,17 +73,17 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     result["warmup_s"] = time.perf_counter() - t0
     decodes = []
     for _ in range(args.repeats):
-        full = _timed(lambda: run(args.new_tokens), device)
-        one = _timed(lambda: run(1), device)
+        full, = timed(lambda: run(args.new_tokens), device, 1, warmup=0)
+        one, = timed(lambda: run(1), device, 1, warmup=0)
         decodes.append((args.new_tokens - 1) / max(full - one, 1e-9))
     # Prefill as generation does it: a long prompt, one new token. Measured after decode, because
     # minillama keeps its KV cache at the longest request's size (decode attends over all of it).
-    prefills = [_timed(lambda: run(1, long_ids), device) for _ in range(args.repeats + 1)][1:]
+    prefills = timed(lambda: run(1, long_ids), device, args.repeats, warmup=1)
     result.update(
         params=n_params,
         prefill_tokens=long_ids.shape[1],
-        prefill_tok_s=_median_spread([long_ids.shape[1] / t for t in prefills]),
-        decode_tok_s=_median_spread(decodes),
+        prefill_tok_s=median_spread([long_ids.shape[1] / t for t in prefills]),
+        decode_tok_s=median_spread(decodes),
         tokens=first[0, prompt.shape[1]:].tolist(),
         peak_mem_mb=(torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
                      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -139,7 +116,7 @@ def main() -> None:
     if not args.model:
         default_model_dir()  # convert once here, not inside a timed worker
     device = torch.device(args.device)
-    bandwidth = memory_bandwidth(device)
+    bandwidth = read_bandwidth(device)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print(f"# bench_generate: {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {machine}, "

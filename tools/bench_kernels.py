@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from benchutil import copy_bandwidth, timed
 
 from minillama.kernels import layer_norm, rms_norm
 from minillama.kernels._common import use_triton
@@ -45,35 +45,6 @@ class HFRMSNorm(torch.nn.Module):
         return self.weight * x.to(dtype)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def bench(fn: Callable[[], object], device: torch.device, repeats: int, inner: int) -> list[float]:
-    """Seconds per call, `repeats` samples of `inner` calls each (after warm-up)."""
-    for _ in range(3):
-        fn()
-    _sync(device)
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        _sync(device)
-        out.append((time.perf_counter() - t) / inner)
-    return out
-
-
-def bandwidth(device: torch.device) -> float:
-    """GB/s of a 1 GiB (256 MiB on CPU) copy: read + write."""
-    n = (2**30 if device.type == "cuda" else 2**28) // 4
-    a = torch.empty(n, device=device)
-    b = torch.empty_like(a)
-    times = bench(lambda: b.copy_(a), device, 5, 3)
-    return 2 * n * 4 / statistics.median(times) / 1e9
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", default="1024,2048,4096,8192,16384")
@@ -87,7 +58,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = args.rows or (4096 if device.type == "cuda" else 256)
     inner = 20 if device.type == "cuda" else 3
-    peak = bandwidth(device)
+    peak = copy_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     ours = "minillama (Triton)" if use_triton(torch.empty(0, device=device)) else "minillama (torch path)"
     print(f"# bench_kernels on {name}, torch {torch.__version__}, {rows} rows; copy bandwidth {peak:.0f} GB/s")
@@ -115,10 +86,10 @@ def main() -> None:
                 impls[("rmsnorm", "torch.compile(HF eager)")] = torch.compile(hf)
             elem = x.element_size()
             for (norm, impl), fn in impls.items():
-                fwd = bench(lambda: fn(x), device, args.repeats, inner)
+                fwd = timed(lambda: fn(x), device, args.repeats, inner, warmup=3)
                 xg = x.detach().requires_grad_()
                 y = fn(xg)
-                bwd = bench(lambda: torch.autograd.grad(y, xg, dy, retain_graph=True), device, args.repeats, inner)
+                bwd = timed(lambda: torch.autograd.grad(y, xg, dy, retain_graph=True), device, args.repeats, inner, warmup=3)
                 row = {"norm": norm, "dtype": dtype_name, "hidden": n, "rows": rows, "impl": impl,
                        "fwd_s": fwd, "bwd_s": bwd, "fwd_bytes": 2 * rows * n * elem, "bwd_bytes": 3 * rows * n * elem}
                 fm, bm = statistics.median(fwd), statistics.median(bwd)

@@ -28,11 +28,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from benchutil import copy_bandwidth, sync, timed
 from tqdm import tqdm
 
 REFERENCE_NORM = "rmsnorm-torch"  # the checkpoint's own norm, transformers' numerics
@@ -47,33 +47,6 @@ TEXT = (
     "no answer. \"Do you not want to know who has taken it?\" cried his wife impatiently. \"You want to tell me, "
     "and I have no objection to hearing it.\" This was invitation enough."
 )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: torch.device, repeats: int, inner: int = 1) -> list[float]:
-    """Seconds per call: `repeats` samples of `inner` calls, after two warm-up calls."""
-    fn(), fn()
-    _sync(device)
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        _sync(device)
-        out.append((time.perf_counter() - t) / inner)
-    return out
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """GB/s of a large copy (read + write), the op-level roofline."""
-    n = (2**30 if device.type == "cuda" else 2**27) // 4
-    a = torch.randn(n, device=device)
-    b = torch.empty_like(a)
-    return 2 * n * 4 / statistics.median(timed(lambda: b.copy_(a), device, 5)) / 1e9
 
 
 def op_level(args: argparse.Namespace, norms: list[str], device: torch.device, peak: float) -> list[dict]:
@@ -166,7 +139,7 @@ def model_worker(args: argparse.Namespace) -> dict[str, Any]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.no_grad(), profile(activities=activities) as prof:
         model(ids)
-        _sync(device)
+        sync(device)
     events = {e.key: e for e in prof.key_averages()}
     total = sum(e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total for e in events.values())
     norm_event = events.get("norm")
