@@ -62,8 +62,9 @@ def make_hf(tmp_path: Path) -> Callable[..., tuple[transformers.PreTrainedModel,
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `interpret` need TRITON_INTERPRET=1 from process start (Triton reads it on import)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    """Tests marked `interpret` run Triton: they need a GPU, or TRITON_INTERPRET=1 from process start
+    (Triton reads it on import)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
         return
     skipped = [item for item in items if item.get_closest_marker("interpret")]
     if skipped:

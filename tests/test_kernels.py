@@ -2,7 +2,8 @@
 
 Triton reads TRITON_INTERPRET when it is imported, so these tests run in their own pytest process
 with the variable set from the start (`make test` does: `TRITON_INTERPRET=1 pytest -m interpret`);
-a plain `pytest` deselects them and says so.
+a plain `pytest` deselects them and says so. On a machine with CUDA, `pytest -m interpret
+tests/test_kernels.py` (no interpreter) runs the same tests on the GPU with compiled Triton.
 
 Error rule (flash-attention's): |ours - fp32 reference| <= 2 * |same-dtype torch - fp32 reference| + atol.
 """
@@ -23,6 +24,15 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 pytestmark = pytest.mark.interpret
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def on_device():
+    """Every tensor a test makes lives where the kernels run: the GPU if there is one."""
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device("cpu")
 
 
 @pytest.fixture
@@ -59,15 +69,18 @@ def check(ours, same_dtype, ref, atol, what):
 
 
 def _inputs(shape, dtype, seed=0, w_dtype=None):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU, so every device sees the same numbers
     n = shape[-1]
-    x = torch.randn(shape, generator=g).to(dtype)
-    w = (1 + 0.3 * torch.randn(n, generator=g)).to(w_dtype or dtype)
-    b = (0.2 * torch.randn(n, generator=g)).to(w_dtype or dtype)
-    r = torch.randn(shape, generator=g).to(dtype)
-    dy = torch.randn(shape, generator=g)
-    dh = torch.randn(shape, generator=g)
-    return x, w, b, r, dy, dh
+
+    def randn(*size):
+        return torch.randn(*size, generator=g, device="cpu")
+
+    x = randn(shape).to(dtype)
+    w = (1 + 0.3 * randn(n)).to(w_dtype or dtype)
+    b = (0.2 * randn(n)).to(w_dtype or dtype)
+    r = randn(shape).to(dtype)
+    dy, dh = randn(shape), randn(shape)
+    return tuple(t.to(DEVICE) for t in (x, w, b, r, dy, dh))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
