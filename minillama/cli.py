@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import GenerationError, MinillamaError
+from .tokenizer import encode_prompt
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,18 +41,6 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
                 repetition_penalty=sampling.repetition_penalty, seed=sampling.seed, stop=args.stop or None,
                 compile=args.compile)
-
-
-def _encode(tokenizer: Any, messages: list[dict[str, str]], chat: bool | None) -> list[int]:
-    """Token ids of a conversation: through the chat template (generation prompt added) when there is one."""
-    if chat is None:
-        chat = bool(getattr(tokenizer, "chat_template", None))
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise GenerationError("--chat: this checkpoint's tokenizer has no chat template")
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    return tokenizer("\n\n".join(m["content"] for m in messages)).input_ids
 
 
 def _stream_reply(model: Any, tokenizer: Any, ids: list[int], args: argparse.Namespace,
@@ -86,7 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": prompt})
-    _stream_reply(model, tokenizer, _encode(tokenizer, messages, args.chat), args, options)
+    _stream_reply(model, tokenizer, encode_prompt(tokenizer, messages, args.chat), args, options)
     return 0
 
 
@@ -111,11 +100,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        ids = _encode(tokenizer, system + history, chat=args.chat)
+        ids = encode_prompt(tokenizer, system + history, chat=args.chat)
         # Forget the oldest turns once the conversation no longer fits beside a full reply.
         while len(ids) + args.max_new_tokens > context and len(history) > 1:
             history = history[2:] if len(history) > 2 else history[-1:]
-            ids = _encode(tokenizer, system + history, chat=args.chat)
+            ids = encode_prompt(tokenizer, system + history, chat=args.chat)
         reply = _stream_reply(model, tokenizer, ids, args, options)
         history.append({"role": "assistant", "content": reply})
 
@@ -125,6 +114,36 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
     from .assets import convert_gguf
 
     print(f"wrote {convert_gguf(args.file, args.outdir)}")
+    return 0
+
+
+def cmd_generate_batch(args: argparse.Namespace) -> int:
+    """Generate for a JSONL file of prompts; under `accelerate launch` the prompts split across processes."""
+    from .batch import generate_file
+    from .dist import process_state
+
+    options = _sampling(args)
+    if args.device is None:
+        args.device = process_state().device
+    model, tokenizer = _load(args)
+    n = generate_file(model, tokenizer, args.prompts, args.out, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size, chat=args.chat, system=args.system, **options)
+    if process_state().is_main_process:
+        print(f"wrote {n} completions to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune from a YAML recipe (configs/finetune/); run it through `accelerate launch` for several
+    processes or GPUs."""
+    from .train import finetune, load_finetune_config
+    from .train.config import parse_override
+
+    overrides = dict(parse_override(item) for item in args.set)
+    for key in ("max_steps", "save_every", "eval_every", "stop_after", "out", "resume"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    finetune(load_finetune_config(args.config, overrides), progress=not args.no_progress)
     return 0
 
 
@@ -184,6 +203,27 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "generate":
             p.add_argument("--prompt", "-p", default=None, help="the prompt (default: read stdin)")
         p.set_defaults(func=func)
+    p = sub.add_parser("generate-batch", help=cmd_generate_batch.__doc__, description=cmd_generate_batch.__doc__)
+    _add_model_args(p)
+    _add_generation_args(p)
+    p.add_argument("--prompts", required=True, help='JSONL: {"prompt": ...} or {"messages": [...]} per line')
+    p.add_argument("--out", required=True, help="output JSONL (input records + completion, in input order)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward (per process)")
+    p.set_defaults(func=cmd_generate_batch)
+    p = sub.add_parser("finetune", help=cmd_finetune.__doc__, description=cmd_finetune.__doc__)
+    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/finetune/tiny.yaml")
+    p.add_argument("--out", default=None, help="run directory: metrics, checkpoints, final/ (export)")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this step (checkpointed); the LR "
+                   "schedule still spans --max-steps; continue later with --resume")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue from the newest complete checkpoint in OUT/checkpoints (or this one)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any recipe key, e.g. --set optim.lr=1e-4 --set lora.enabled=true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("convert-gguf", help=cmd_convert_gguf.__doc__)
     p.add_argument("file", help="a .gguf file")
     p.add_argument("outdir", help="output directory (written atomically)")

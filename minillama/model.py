@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .loss import linear_cross_entropy, reference_cross_entropy
 from .norms import build_norm
 from .rope import RotaryEmbedding, apply_rope
 
@@ -96,6 +98,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.generation_config: dict = {}  # generation_config.json of the checkpoint, kept for saving
+        # Training: recompute each block's activations in backward instead of storing them.
+        self.gradient_checkpointing = False
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = build_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps)
@@ -168,6 +172,7 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] for `input_ids` [batch, seq].
 
@@ -176,6 +181,8 @@ class Transformer(nn.Module):
         position_ids: RoPE positions [batch, seq] when they differ from the slots (left padding).
         padding_mask: [batch, slots] with 1 for real tokens and 0 for padding.
         last_only: project only the last position to the vocabulary (prefill for generation).
+        labels: [batch, seq] next-token ids per position (-100: no loss); returns the summed fp32
+            cross-entropy instead of logits, without materialising them (see minillama/loss.py).
         """
         bsz, seqlen = input_ids.shape
         if input_pos is None:
@@ -198,7 +205,15 @@ class Transformer(nn.Module):
         cos, sin = self.rope(position_ids, x.dtype)
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, mask, input_pos, kv_len)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, residual = checkpoint(layer, x, residual, cos, sin, mask, input_pos, kv_len, use_reentrant=False)
+            else:
+                x, residual = layer(x, residual, cos, sin, mask, input_pos, kv_len)
         if last_only:
             x, residual = x[:, -1:], (residual[:, -1:] if residual is not None else None)
-        return self.lm_head(self.norm.add_norm(x, residual)[0])
+        x = self.norm.add_norm(x, residual)[0]
+        if labels is not None:
+            if type(self.lm_head) is not nn.Linear:  # e.g. wrapped by a LoRA adapter: the plain path
+                return reference_cross_entropy(self.lm_head(x), labels)
+            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, labels.flatten())
+        return self.lm_head(x)

@@ -1,0 +1,33 @@
+"""Accelerate's process state, with one fix: on a machine without CUDA it must be told `cpu=True`,
+or processes started by `accelerate launch`/`torchrun` each think they are alone."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+
+def use_cpu() -> bool:
+    """True when there is no GPU to use (or ACCELERATE_USE_CPU asks for the CPU)."""
+    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
+def accelerator(**kwargs: Any) -> Any:
+    """An `accelerate.Accelerator` that sees every launched process, on GPUs or on the CPU (gloo)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    # Accelerate keeps one global state, fixed by the first Accelerator; a single process may
+    # start several runs (a notebook, the tests) with other settings, so it is reset there.
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(cpu=use_cpu(), **kwargs)
+
+
+def process_state() -> Any:
+    """`accelerate.PartialState` (rank, world size, device) under the same rule."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=use_cpu())
