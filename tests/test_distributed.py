@@ -94,3 +94,18 @@ def test_batch_generation_across_processes_equals_one_process(ddp_run: Path, tmp
     assert [r["index"] for r in multi] == list(range(len(records)))
     assert [{k: r[k] for k in records[i]} for i, r in enumerate(multi)] == records
     assert all(r["completion"] and r["new_tokens"] > 0 for r in multi)
+
+
+def test_fsdp2_checkpoint_resumes_exactly_and_exports(tmp_path: Path) -> None:
+    """FSDP2-sharded parameters and AdamW state go through the same checkpoint and export code."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests/fsdp2_worker.py"), str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-5000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"result-{rank}.json").read_text())
+        assert result["resume_equal"], result
+        assert result["export_max_diff"] < 1e-5, result
+    assert sorted(p.name for p in (tmp_path / "checkpoints/step-000003").iterdir() if p.name.startswith("rng")) == [
+        "rng-rank0.json", "rng-rank0.safetensors", "rng-rank1.json", "rng-rank1.safetensors"]

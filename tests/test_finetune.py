@@ -111,6 +111,20 @@ def test_lora_run_trains_only_adapters_and_exports_merged(tmp_path: Path, small_
     assert "model.layers.0.self_attn.q_proj.weight" in exported
 
 
+def test_shorter_run_then_resume_with_more_steps_matches_straight_run(tmp_path: Path, small_data: Path) -> None:
+    """The flow with the basic flags only: --max-steps 6, then --max-steps 14 --resume. The LR
+    schedule spans the recipe's steps (optim.decay_steps), not the --max-steps override."""
+    finetune(tiny(tmp_path, small_data, "straight"), progress=False)
+    finetune(tiny(tmp_path, small_data, "two-part", max_steps=6, save_every=6), progress=False)
+    summary = finetune(tiny(tmp_path, small_data, "two-part", resume="auto"), progress=False)
+    assert losses(tmp_path / "two-part") == losses(tmp_path / "straight")
+    a = load_file(tmp_path / "straight/final/model.safetensors")
+    b = load_file(Path(summary["export"]) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = json.loads((tmp_path / "two-part/checkpoints/step-000014/trainer_state.json").read_text())
+    assert state["step"] == 14 and state["data_position"]["rows_seen"] == 14 * 4
+
+
 def test_corrupt_newest_checkpoint_is_skipped(tmp_path: Path, small_data: Path) -> None:
     finetune(tiny(tmp_path, small_data, "run", stop_after=8), progress=False)
     root = tmp_path / "run/checkpoints"
@@ -197,3 +211,34 @@ def load_tokenizer_template(path: Path) -> str:
     from minillama import load_tokenizer
 
     return load_tokenizer(path).chat_template
+
+
+def test_killed_run_resumes_exactly(tmp_path: Path, small_data: Path) -> None:
+    """SIGKILL a real run (a subprocess) after its first checkpoint, then --resume: same losses as
+    straight through, every step logged once, even with a half-written metrics line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, str(ROOT / "tools/finetune.py"), "--config", str(TINY_RECIPE), "--no-progress",
+            "--max-steps", "150", "--save-every", "5",
+            "--set", f"data.train={small_data}", "--set", "model.config.hidden_size=32",
+            "--set", "model.config.intermediate_size=64", "--set", "batch_size=4", "--set", "data.block_size=384",
+            "--set", "export=false"]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoints/step-000005/trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert int(latest_checkpoint(out / "checkpoints").name.split("-")[1]) < 150  # really cut short
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "lo')  # as if killed mid-write
+    subprocess.run([*args, "--out", str(out), "--resume"], check=True, capture_output=True)
+    subprocess.run([*args, "--out", str(tmp_path / "straight")], check=True, capture_output=True)
+    assert losses(out) == losses(tmp_path / "straight")
+    assert [s for s, _ in losses(out)] == list(range(1, 151))

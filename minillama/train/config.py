@@ -44,7 +44,7 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    """AdamW with linear warmup then cosine decay to min_lr_ratio * lr."""
+    """AdamW with linear warmup then cosine decay to min_lr_ratio * lr over decay_steps."""
 
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -52,6 +52,9 @@ class OptimSection:
     eps: float = 1e-8
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
+    # Schedule length. Default: the recipe's max_steps, fixed before command-line overrides, so
+    # `--max-steps` only moves the end of a run: 50 steps, then --resume to 100, equals 100 straight.
+    decay_steps: int | None = None
     grad_clip: float | None = 1.0  # max global gradient norm; null: no clipping
 
 
@@ -79,7 +82,7 @@ class FinetuneConfig:
     seed: int = 0
     batch_size: int = 8
     grad_accum: int = 1
-    max_steps: int = 100  # length of the run and of the LR schedule
+    max_steps: int = 100  # length of the run (and, by default, of the LR schedule: optim.decay_steps)
     stop_after: int | None = None  # stop (checkpointed) after this step, e.g. for time-sliced jobs
     mixed_precision: str | None = None  # no | bf16 | fp16; null: the accelerate config's (else no)
     gradient_checkpointing: bool = False
@@ -111,6 +114,7 @@ class FinetuneConfig:
              "two numbers in [0, 1)"),
             ("optim.eps", self.optim.eps > 0, "> 0"), ("optim.warmup_steps", self.optim.warmup_steps >= 0, ">= 0"),
             ("optim.min_lr_ratio", 0 <= self.optim.min_lr_ratio <= 1, "in [0, 1]"),
+            ("optim.decay_steps", self.optim.decay_steps is None or self.optim.decay_steps >= 1, ">= 1 or null"),
             ("optim.grad_clip", self.optim.grad_clip is None or self.optim.grad_clip > 0, "> 0 or null"),
             ("lora.r", self.lora.r >= 1, ">= 1"), ("lora.alpha", self.lora.alpha > 0, "> 0"),
             ("lora.dropout", 0 <= self.lora.dropout < 1, "in [0, 1)"),
@@ -221,6 +225,8 @@ def load_finetune_config(path: str | Path | None = None, overrides: dict[str, An
             raise ConfigError(f"{path}: expected a mapping of settings at the top level")
         _resolve_paths(values, path.parent)
         _merge(cfg, values, source)
+    if cfg.optim.decay_steps is None:
+        cfg.optim.decay_steps = cfg.max_steps  # the recipe's, not a --max-steps override (see OptimSection)
     for dotted, value in (overrides or {}).items():
         nested: Any = value
         for part in reversed(dotted.split(".")):

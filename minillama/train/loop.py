@@ -182,10 +182,11 @@ def _resume(accelerator: Any, cfg: FinetuneConfig, model: nn.Module, optimizer: 
         _say(accelerator, f"--resume: no complete checkpoint in {ckpt_root}; starting from step 0")
         return 0, 0
     state = load_checkpoint(accelerator, model, optimizer, scheduler, path)
-    saved = state.get("config", {})
-    for key in ("seed", "batch_size", "grad_accum", "max_steps"):
-        if key in saved and saved[key] != getattr(cfg, key) and accelerator.is_main_process:
-            warnings.warn(f"{path}: saved with {key}={saved[key]}, resumed with {getattr(cfg, key)}: "
+    saved, now = state.get("config", {}), to_dict(cfg)
+    # Settings that shape the trajectory (max_steps does not: it only ends the run).
+    for key in ("seed", "batch_size", "grad_accum", "mixed_precision", "model", "data", "optim", "lora"):
+        if key in saved and saved[key] != now[key] and accelerator.is_main_process:
+            warnings.warn(f"{path}: saved with {key}={saved[key]}, resumed with {now[key]}: "
                           "the run will not match an uninterrupted one", stacklevel=2)
     _say(accelerator, f"resumed from {path} (step {state['step']})")
     return state["step"], state.get("tokens", 0)
@@ -208,13 +209,16 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]:
         raise ConfigError(f"{ckpt_root}: holds checkpoints of an earlier run; pass --resume to continue it "
                           "or choose another --out")
     set_seed(cfg.seed)  # same seed on every process: identical initial weights
-    with accelerator.main_process_first():  # the first use of the embedded model converts it, once
-        model, tokenizer = build_model(cfg.model, cfg.seed)
+    with warnings.catch_warnings():
+        if not accelerator.is_main_process:  # every process reads the same data: warn once
+            warnings.simplefilter("ignore")
+        with accelerator.main_process_first():  # the first use of the embedded model converts it, once
+            model, tokenizer = build_model(cfg.model, cfg.seed)
+        train_rows, val_rows = build_datasets(cfg.data, tokenizer, cfg.seed)
     if cfg.export and any(isinstance(m, Norm) and not m.hf_compatible for m in model.modules()):
         raise ConfigError(f"model.norm {model.config.norm!r} cannot be exported to the Hugging Face format; "
                           "set export: false")
     model_config, generation_config = model.config, model.generation_config
-    train_rows, val_rows = build_datasets(cfg.data, tokenizer, cfg.seed)
     world = accelerator.num_processes
     rows_per_step = cfg.batch_size * cfg.grad_accum * world
     sampler = StepSampler(len(train_rows), rows_per_step, cfg.seed)
@@ -225,8 +229,12 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]:
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     optimizer = make_optimizer(model, cfg)
+    decay_steps = cfg.optim.decay_steps or cfg.max_steps
+    if cfg.max_steps > decay_steps:
+        _say(accelerator, f"max_steps {cfg.max_steps} > optim.decay_steps {decay_steps}: the learning rate stays "
+                          f"at {cfg.optim.min_lr_ratio} x lr after step {decay_steps}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps, decay_steps, cfg.optim.min_lr_ratio))
     # The scheduler stays unprepared: Accelerate's wrapper would step it once per process.
     model, prepared_optimizer = accelerator.prepare(model, optimizer)
 
@@ -269,8 +277,10 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]:
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         if (cfg.save_every and done % cfg.save_every == 0) or done == last:
+            # The data position is the step: rows come from StepSampler(seed, step); the rest is for people.
+            position = {"rows_seen": done * rows_per_step, "epoch": sampler.epoch(done), "seed": cfg.seed}
             save_checkpoint(accelerator, model, optimizer, scheduler, ckpt_root, done,
-                            {"tokens": tokens, "config": to_dict(cfg)}, cfg.keep_last)
+                            {"tokens": tokens, "data_position": position, "config": to_dict(cfg)}, cfg.keep_last)
     bar.close()
     finished = last == cfg.max_steps
 

@@ -22,7 +22,13 @@ class MetricsLog:
         """Every logged row so far."""
         if not self.jsonl.is_file():
             return []
-        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in self.jsonl.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a half-written last line: the run was killed while logging
+                continue
+        return rows
 
     def truncate(self, step: int) -> None:
         """Forget rows after `step`: a resumed run logs them again (a killed run may have logged past
