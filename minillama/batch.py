@@ -19,7 +19,7 @@ from .tokenizer import encode_prompt
 
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """Records of a JSONL prompt file: {"prompt": str} or {"messages": [{"role", "content"}, ...]}."""
-    from .train.data import _check_messages, read_jsonl
+    from .train.data import check_messages, read_jsonl
 
     path = Path(path)
     if not path.is_file():
@@ -28,7 +28,7 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     for lineno, record in read_jsonl(path):
         where = f"{path}:{lineno}"
         if "messages" in record:
-            _check_messages(record["messages"], where)
+            check_messages(record["messages"], where)
         elif not isinstance(record.get("prompt"), str) or not record["prompt"]:
             raise ConfigError(f"{where}: expected a non-empty \"prompt\" string or a \"messages\" list")
         records.append(record)

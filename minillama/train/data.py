@@ -56,7 +56,8 @@ def _render(tokenizer: Any, messages: Sequence[dict[str, str]], generation_promp
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    """`messages` if it is a non-empty list of {"role", "content"} strings with known roles; else ConfigError."""
     if not isinstance(messages, list) or not messages:
         raise ConfigError(f"{where}: \"messages\" must be a non-empty list")
     for i, m in enumerate(messages):
@@ -132,7 +133,7 @@ def load_examples(path: str | Path, tokenizer: Any, fmt: str, block_size: int) -
     examples, truncated, dropped = [], 0, 0
     for lineno, record in records:
         where = f"{path}:{lineno}"
-        ex = chat_example(tokenizer, _check_messages(record["messages"], where), where)
+        ex = chat_example(tokenizer, check_messages(record["messages"], where), where)
         if len(ex.ids) > block_size:
             truncated += 1
             ex = Example(ex.ids[:block_size], ex.targets[:block_size])
