@@ -16,9 +16,11 @@ from .errors import ConfigError, GenerationError
 from .generate import eos_ids, generate
 from .tokenizer import encode_prompt
 
+PROMPT_KEYS = ("prompt", "text")
+
 
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a JSONL prompt file: {"prompt": str} or {"messages": [{"role", "content"}, ...]}."""
+    """Records of a JSONL prompt file: {"prompt": str} ({"text": str}) or {"messages": [{"role", "content"}, ...]}."""
     from .train.data import check_messages, read_jsonl
 
     path = Path(path)
@@ -29,8 +31,8 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
         where = f"{path}:{lineno}"
         if "messages" in record:
             check_messages(record["messages"], where)
-        elif not isinstance(record.get("prompt"), str) or not record["prompt"]:
-            raise ConfigError(f"{where}: expected a non-empty \"prompt\" string or a \"messages\" list")
+        elif not any(isinstance(record.get(k), str) and record[k] for k in PROMPT_KEYS):
+            raise ConfigError(f"{where}: expected a non-empty \"prompt\" (or \"text\") string or a \"messages\" list")
         records.append(record)
     if not records:
         raise ConfigError(f"{path}: no prompts")
@@ -39,7 +41,8 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
 
 def encode_record(tokenizer: Any, record: dict[str, Any], chat: bool | None, system: str | None = None) -> list[int]:
     """Prompt ids of one record (chat template when there is one, as `minillama generate` does)."""
-    messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
+    messages = record.get("messages") or [
+        {"role": "user", "content": next(record[k] for k in PROMPT_KEYS if isinstance(record.get(k), str))}]
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}, *messages]
     return encode_prompt(tokenizer, messages, chat)

@@ -206,8 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate-batch", help=cmd_generate_batch.__doc__, description=cmd_generate_batch.__doc__)
     _add_model_args(p)
     _add_generation_args(p)
-    p.add_argument("--prompts", required=True, help='JSONL: {"prompt": ...} or {"messages": [...]} per line')
-    p.add_argument("--out", required=True, help="output JSONL (input records + completion, in input order)")
+    p.add_argument("--prompts", "--input", "-i", dest="prompts", required=True,
+                   help='JSONL: {"prompt": ...} (or "text") or {"messages": [...]} per line')
+    p.add_argument("--out", "--output", "-o", dest="out", required=True,
+                   help="output JSONL (input records + completion, in input order)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward (per process)")
     p.set_defaults(func=cmd_generate_batch)
     p = sub.add_parser("finetune", help=cmd_finetune.__doc__, description=cmd_finetune.__doc__)

@@ -171,7 +171,7 @@ def test_generate_batch_bad_prompt_file_is_one_line(tmp_path: Path, capsys) -> N
     from minillama.cli import main
 
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "hi"}\n{"text": "no prompt key"}\n')
+    prompts.write_text('{"prompt": "hi"}\n{"question": "no prompt key"}\n')
     model = tmp_path / "m"
     from minillama import ModelConfig, Transformer, save_pretrained
 
@@ -180,5 +180,5 @@ def test_generate_batch_bad_prompt_file_is_one_line(tmp_path: Path, capsys) -> N
                     model, tokenizer=byte_tokenizer())
     code = main(["generate-batch", "--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and 'p.jsonl:2: expected a non-empty "prompt" string' in err[-1]
+    assert code == 2 and 'p.jsonl:2: expected a non-empty "prompt"' in err[-1]
     assert not (tmp_path / "o").exists()
