@@ -219,17 +219,17 @@ def _parse_size(size: int | str) -> int:
 
 
 @contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
+def atomic_directory(path: str | Path, marker: str = "config.json") -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces `path` only if the block succeeds.
 
-    An existing `path` is replaced only when it is empty or itself a checkpoint (has config.json):
+    An existing `path` is replaced only when it is empty or holds `marker` (is itself a checkpoint):
     a typo must never wipe an unrelated directory.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path}: exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists():
-        raise CheckpointError(f"{path}: exists, is not empty and holds no config.json; refusing to replace it")
+    if path.is_dir() and any(path.iterdir()) and not (path / marker).exists():
+        raise CheckpointError(f"{path}: exists, is not empty and holds no {marker}; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:

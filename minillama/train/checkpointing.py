@@ -5,7 +5,8 @@ A checkpoint is `out/checkpoints/step-NNNNNN/` holding
   optimizer.safetensors   the optimizer's per-parameter tensors; optimizer.json the rest
   rng-rankR.safetensors   each process's torch RNG states (+ rng-rankR.json: Python's)
   trainer_state.json      step, scheduler, run facts and a manifest of every file with its size
-It is written into a hidden temporary directory and renamed into place only when complete, and
+The main process writes it (every process's RNG state gathered to it) into a hidden temporary
+directory renamed into place only when complete (checkpoint.atomic_directory), and
 trainer_state.json is written last: a directory without it, or whose files do not match its
 manifest, is skipped on resume in favour of the previous one.
 """
@@ -13,7 +14,6 @@ manifest, is skipped on resume in favour of the previous one.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..checkpoint import atomic_directory
 from ..errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
@@ -52,25 +53,21 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [clean_name(n) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    path.write_text(json.dumps(data, indent=1))
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+
+
+def _all_processes(obj: Any) -> list[Any]:
+    """`obj` of every process, in rank order (just [obj] without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def _flatten_optimizer(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -114,40 +111,32 @@ def save_checkpoint(
 ) -> Path | None:
     """Write step `step`'s checkpoint atomically under `root`; every process must call it.
     Returns the directory (on the main process)."""
-    # Collectives first: every process takes part in gathering full (unsharded) state dicts.
+    # Collectives first: every process takes part in gathering full (unsharded) state dicts and
+    # hands its RNG states to the main process, which alone writes.
     model_sd = get_model_state_dict(model, options=FULL)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=FULL)
+    rng_states = _all_processes(_rng_state())
     final = root / f"step-{step:06d}"
-    tmp = root / f".step-{step:06d}.tmp"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
-        tmp.mkdir(parents=True)
+        for stale in root.glob(".step-*.tmp-*"):  # left by a run killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        # A step saved again (a resumed run) replaces its old directory only if that has our marker.
+        with atomic_directory(final, marker=STATE_FILE) as tmp:
+            for rank, (rng_tensors, rng_python) in enumerate(rng_states):
+                _save_tensors(rng_tensors, tmp / f"rng-rank{rank}.safetensors")
+                _write_json(tmp / f"rng-rank{rank}.json", rng_python)
+            names = trainable_names(accelerator.unwrap_model(model))
+            _save_tensors({n: model_sd[n] for n in names}, tmp / "model.safetensors")
+            tensors, rest = _flatten_optimizer(optim_sd)
+            _save_tensors(tensors, tmp / "optimizer.safetensors")
+            _write_json(tmp / "optimizer.json", rest)
+            manifest = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+            _write_json(tmp / STATE_FILE, {"step": step, "scheduler": scheduler.state_dict(),
+                                           "num_processes": accelerator.num_processes, "files": manifest, **extra})
+        for old in list_checkpoints(root)[keep_last:]:
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-    rank = accelerator.process_index
-    rng_tensors, rng_python = _rng_state()
-    _save_tensors(rng_tensors, tmp / f"rng-rank{rank}.safetensors")
-    _write_json(tmp / f"rng-rank{rank}.json", rng_python)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
-        return None
-    names = trainable_names(accelerator.unwrap_model(model))
-    _save_tensors({n: model_sd[n] for n in names}, tmp / "model.safetensors")
-    tensors, rest = _flatten_optimizer(optim_sd)
-    _save_tensors(tensors, tmp / "optimizer.safetensors")
-    _write_json(tmp / "optimizer.json", rest)
-    manifest = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
-    _write_json(tmp / STATE_FILE, {"step": step, "scheduler": scheduler.state_dict(),
-                                   "num_processes": accelerator.num_processes, "files": manifest, **extra})
-    _fsync_dir(tmp)
-    if final.exists():  # the same step saved again (a resumed run): replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(root)[keep_last:]:
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+    return final if accelerator.is_main_process else None
 
 
 def list_checkpoints(root: Path) -> list[Path]:
