@@ -1,16 +1,41 @@
-"""minillama: a compact LLaMA/Mistral-style decoder with exact Hugging Face parity."""
+"""minillama: a compact LLaMA/Mistral-style decoder with exact Hugging Face parity.
 
-from .checkpoint import from_pretrained, save_pretrained
-from .config import ModelConfig, RopeConfig
+The public names load on first use (PEP 562), so `minillama --help` and the CLI's first lines run
+before torch is imported, and a Ctrl-C during that import is handled like any other.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import CheckpointError, ConfigError, GenerationError, MinillamaError
-from .generate import SamplingConfig, generate, stream
-from .model import Transformer
-from .norms import NORMS, register_norm
-from .tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "from_pretrained": "checkpoint", "save_pretrained": "checkpoint", "ModelConfig": "config",
+    "RopeConfig": "config", "SamplingConfig": "generate", "generate": "generate", "stream": "generate",
+    "Transformer": "model", "NORMS": "norms", "register_norm": "norms", "load_tokenizer": "tokenizer",
+}
 __all__ = [
     "CheckpointError", "ConfigError", "GenerationError", "MinillamaError", "ModelConfig", "NORMS", "RopeConfig",
     "SamplingConfig", "Transformer", "from_pretrained", "generate", "load_tokenizer", "register_norm",
     "save_pretrained", "stream",
 ]
+
+if TYPE_CHECKING:
+    from .checkpoint import from_pretrained, save_pretrained
+    from .config import ModelConfig, RopeConfig
+    from .generate import SamplingConfig, generate, stream
+    from .model import Transformer
+    from .norms import NORMS, register_norm
+    from .tokenizer import load_tokenizer
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'minillama' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .checkpoint import atomic_directory
+from .atomic import atomic_directory, recover_directory
 from .config import ARCHITECTURES
 from .errors import CheckpointError, ConfigError, MinillamaError
 
@@ -73,9 +73,28 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
 
 def default_model_dir() -> Path:
     """The embedded SmolLM2 as an HF directory in the cache, converted on first use."""
+    from filelock import FileLock, Timeout
+
     out = cache_dir() / SMOLLM2_NAME
-    if not (out / "config.json").is_file():
-        gguf = smollm2_gguf()
-        print(f"minillama: converting the embedded {SMOLLM2_NAME} ({gguf.name}) once into {out}", file=sys.stderr)
-        convert_gguf(gguf, out)
+    if (out / "config.json").is_file():
+        return out
+    gguf = smollm2_gguf()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One converter at a time: under `accelerate launch` every rank arrives here on a fresh machine,
+    # and a late rank's rename would swap the directory under ranks already reading it. The OS
+    # releases the lock of a process that dies.
+    lock = FileLock(str(out.parent / f".{SMOLLM2_NAME}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"minillama: waiting for another process converting {SMOLLM2_NAME} into {out}", file=sys.stderr)
+        lock.acquire()
+    try:
+        recover_directory(out)
+        if not (out / "config.json").is_file():
+            print(f"minillama: converting the embedded {SMOLLM2_NAME} ({gguf.name}) once into {out}",
+                  file=sys.stderr)
+            convert_gguf(gguf, out)
+    finally:
+        lock.release()
     return out

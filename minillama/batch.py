@@ -8,6 +8,7 @@ is the same whatever the number of processes.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -98,6 +99,8 @@ def generate_file(model: Any, tokenizer: Any, prompts_path: str | Path, out_path
             for i, record in enumerate(records):
                 text, n = by_index[i]
                 f.write(json.dumps({"index": i, **record, "completion": text, "new_tokens": n}) + "\n")
-        tmp.replace(out_path)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(out_path)  # readers see the whole file or the previous one, never half
     state.wait_for_everyone()
     return len(records)

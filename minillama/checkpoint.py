@@ -10,21 +10,17 @@ temporary directory that is renamed into place only when complete.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
-import uuid
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_directory, recover_directory
 from .config import ModelConfig, checkpoint_dtype, load_config, parse_dtype, to_hf_config
 from .errors import CheckpointError, ConfigError
 from .model import Transformer
@@ -101,6 +97,36 @@ def weight_files(ckpt_dir: Path) -> list[Path]:
     raise CheckpointError(f"{ckpt_dir}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
+def check_header(file: Path) -> None:
+    """CheckpointError for a safetensors header that safetensors itself would accept or misreport:
+    a length past the end of the file, text that is not UTF-8 JSON, a tensor name given twice
+    (the JSON parser would silently keep the last one)."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({size} bytes, no header)")
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file (header of {length} bytes, "
+                                  f"file of {size})")
+        raw = f.read(length)
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        names = [k for k, _ in pairs]
+        dup = next((k for k in names if names.count(k) > 1), None)
+        if dup is not None:
+            raise CheckpointError(f"{file}: tensor {dup!r} appears twice in the header")
+        return dict(pairs)
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
+
+
 def _list(items: list[str], limit: int = 12) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
@@ -120,6 +146,7 @@ def load_weights(model: Transformer, ckpt_dir: str | Path) -> None:
     mismatched: list[str] = []
     for file in weight_files(ckpt_dir):
         try:
+            check_header(file)
             with safe_open(file, framework="pt", device="cpu") as f:
                 shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
             for key, shape in shapes.items():
@@ -180,12 +207,16 @@ def from_pretrained(
     name that replaces the checkpoint's RMSNorm.
     """
     path = Path(path)
+    recover_directory(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (minillama loads local checkpoints only)")
     cfg = load_config(path)
     if norm is not None:
         cfg.norm = norm
-    dtype = parse_dtype(dtype) if dtype is not None else checkpoint_dtype(cfg)
+    try:
+        dtype = parse_dtype(dtype) if dtype is not None else checkpoint_dtype(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path / 'config.json'}: {e}" if dtype is None else str(e)) from None
     device = resolve_device(device)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -202,9 +233,11 @@ def from_pretrained(
     generation = path / "generation_config.json"
     if generation.is_file():
         try:
-            model.generation_config = json.loads(generation.read_text())
-        except json.JSONDecodeError as e:
+            model.generation_config = json.loads(generation.read_bytes().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{generation}: not valid JSON ({e})") from None
+        if not isinstance(model.generation_config, dict):
+            raise CheckpointError(f"{generation}: expected a JSON object")
     return model.eval()
 
 
@@ -216,38 +249,6 @@ def _parse_size(size: int | str) -> int:
         raise ValueError(f"max_shard_size {size!r}: expected bytes or e.g. '500MB', '5GB'")
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
-
-
-@contextmanager
-def atomic_directory(path: str | Path, marker: str = "config.json") -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces `path` only if the block succeeds.
-
-    An existing `path` is replaced only when it is empty or holds `marker` (is itself a checkpoint):
-    a typo must never wipe an unrelated directory.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{path}: exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not (path / marker).exists():
-        raise CheckpointError(f"{path}: exists, is not empty and holds no {marker}; refusing to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                with open(file, "rb") as f:
-                    os.fsync(f.fileno())
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
 import warnings
@@ -10,7 +12,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import GenerationError, MinillamaError
-from .tokenizer import encode_prompt
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,15 +32,31 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     return model, load_tokenizer(model_dir)
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"'}
+
+
+def unescape(text: str) -> str:
+    r"""Process C-style escapes as llama.cpp's CLI does: \n \t \r \\ \' \" \xHH \uHHHH.
+
+    A shell passes `--stop "\n\n"` as backslashes and letters; an unknown escape stays as typed.
+    """
+    def one(m: re.Match[str]) -> str:
+        code = m.group(1)
+        return chr(int(code[1:], 16)) if code[0] in "xu" and len(code) > 1 else _ESCAPES.get(code, m.group(0))
+
+    return re.sub(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|.)", one, text, flags=re.DOTALL)
+
+
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     """Generation options from flags, validated before any model is loaded."""
-    from .generate import SamplingConfig
+    from .generate import SamplingConfig, check_stop_strings
 
     if args.max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
+    stop = check_stop_strings([unescape(s) for s in args.stop])
     return dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
-                repetition_penalty=sampling.repetition_penalty, seed=sampling.seed, stop=args.stop or None,
+                repetition_penalty=sampling.repetition_penalty, seed=sampling.seed, stop=stop or None,
                 compile=args.compile)
 
 
@@ -49,11 +66,13 @@ def _stream_reply(model: Any, tokenizer: Any, ids: list[int], args: argparse.Nam
 
     start = time.perf_counter()
     pieces, first = [], None
-    for piece in stream(model, tokenizer, ids, args.max_new_tokens, **options):
-        first = first or time.perf_counter()
-        pieces.append(piece)
-        print(piece, end="", flush=True)
-    print(flush=True)
+    try:
+        for piece in stream(model, tokenizer, ids, args.max_new_tokens, **options):
+            first = first or time.perf_counter()
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+    finally:  # Ctrl-C included: what was generated stays on screen, the prompt starts on a new line
+        print(flush=True)
     if args.stats:
         n = len(tokenizer(''.join(pieces), add_special_tokens=False).input_ids)
         end = time.perf_counter()
@@ -64,6 +83,8 @@ def _stream_reply(model: Any, tokenizer: Any, ids: list[int], args: argparse.Nam
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate a reply to one prompt (--prompt or stdin), streamed to stdout."""
+    from .tokenizer import encode_prompt
+
     options = _sampling(args)
     prompt = args.prompt
     if prompt is None:
@@ -79,19 +100,42 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def fit_conversation(
+    encode: Callable[[list[dict[str, str]]], list[int]], history: list[dict[str, str]], reserve: int,
+    context: int,
+) -> tuple[list[dict[str, str]], list[int]]:
+    """The newest turns of `history` whose ids leave `reserve` tokens of `context` for the reply,
+    dropping the oldest user/assistant pairs first (the last message always stays), and their ids."""
+    ids = encode(history)
+    while len(ids) + reserve > context and len(history) > 1:
+        history = history[2:]
+        ids = encode(history)
+    return history, ids
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
-    """Interactive multi-turn chat in the terminal (/reset clears the history, /exit or Ctrl-D quits)."""
+    """Interactive multi-turn chat in the terminal (/reset clears the history, /exit or Ctrl-D quits;
+    Ctrl-C cancels the answer being written)."""
+    from .tokenizer import encode_prompt
+
     options = _sampling(args)
     model, tokenizer = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     context = model.config.max_position_embeddings
     interactive = sys.stdin.isatty()
+
+    def encode(turns: list[dict[str, str]]) -> list[int]:
+        return encode_prompt(tokenizer, system + turns, chat=args.chat)
+
     while True:
         try:
             line = input("> " if interactive else "")
         except EOFError:
             return 0
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /exit quits)", file=sys.stderr)
+            continue
         if line.strip() in ("/exit", "/quit"):
             return 0
         if line.strip() == "/reset":
@@ -99,14 +143,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         if not line.strip():
             continue
-        history.append({"role": "user", "content": line})
-        ids = encode_prompt(tokenizer, system + history, chat=args.chat)
-        # Forget the oldest turns once the conversation no longer fits beside a full reply.
-        while len(ids) + args.max_new_tokens > context and len(history) > 1:
-            history = history[2:] if len(history) > 2 else history[-1:]
-            ids = encode_prompt(tokenizer, system + history, chat=args.chat)
-        reply = _stream_reply(model, tokenizer, ids, args, options)
-        history.append({"role": "assistant", "content": reply})
+        # The history changes only once an answer is complete: a message that cannot be sent, or an
+        # answer cancelled with Ctrl-C, leaves the conversation as it was.
+        turns, ids = fit_conversation(encode, history + [{"role": "user", "content": line}],
+                                      args.max_new_tokens, context)
+        if len(ids) >= context:
+            print(f"minillama: message too long ({len(ids)} tokens, context {context}); not sent",
+                  file=sys.stderr)
+            continue
+        try:
+            reply = _stream_reply(model, tokenizer, ids, args, options)
+        except KeyboardInterrupt:
+            print("[cancelled]", file=sys.stderr)
+            continue
+        history = turns + [{"role": "assistant", "content": reply}]
 
 
 def cmd_convert_gguf(args: argparse.Namespace) -> int:
@@ -180,7 +230,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", "--repeat-penalty", type=float, default=1.0)
     p.add_argument("--seed", "-s", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help=r"stop string (repeatable); escapes \n \t \r \\ \xHH \uHHHH are processed, so "
+                        r"--stop '\n\n' stops at a blank line")
     p.add_argument("--system", default=None, help="system message (chat template only)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="use the tokenizer's chat template (default: when it has one)")
@@ -234,18 +286,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `minillama` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the `minillama` console script.
+
+    Exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted (Ctrl-C), 141 the
+    reader of stdout went away (`| head`).
+    """
     # Library warnings (e.g. a norm swap) as one line, without Python's source-line echo.
     warnings.formatwarning = lambda message, *_, **__: f"minillama: warning: {message}\n"
-    func: Callable[[argparse.Namespace], int] = args.func
     try:
+        args = build_parser().parse_args(argv)  # imports torch: Ctrl-C may land here too
+        func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except MinillamaError as e:
         print(f"minillama: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    finally:
+        if "torch.distributed" in sys.modules:  # finetune / generate-batch under accelerate launch
+            from .dist import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

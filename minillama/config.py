@@ -23,7 +23,8 @@ ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 
 
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    # The upper bound keeps a corrupt size (1e30) a config error rather than an overflow in torch.
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31
 
 
 @dataclass
@@ -94,7 +95,8 @@ class ModelConfig:
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
             if not _positive_int(value):
-                raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
+                limit = " below 2**31" if isinstance(value, int) and value >= 2**31 else ""
+                raise ConfigError(f"config field '{name}' must be a positive integer{limit}, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"config field 'num_attention_heads' ({self.num_attention_heads}) must be a multiple of "
@@ -229,6 +231,9 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     for name, allowed in _UNSUPPORTED.items():
         if hf.get(name) not in allowed:
             raise ConfigError(f"{source}: field '{name}' = {hf[name]!r} is not supported by minillama")
+    for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"):
+        if hf.get(name) is not None and not isinstance(hf[name], bool):
+            raise ConfigError(f"{source}: field '{name}' must be true or false, got {hf[name]!r}")
 
     is_mistral = model_type == "mistral"
     sliding_window = hf.get("sliding_window") if is_mistral else None
@@ -322,9 +327,14 @@ def parse_dtype(value: str | torch.dtype) -> torch.dtype:
 
 
 def checkpoint_dtype(cfg: ModelConfig) -> torch.dtype:
-    """The dtype config.json says the weights were saved in (float32 when it says nothing usable)."""
-    value = cfg.extra.get("dtype") or cfg.extra.get("torch_dtype") or "float32"
+    """The dtype config.json says the weights were saved in (float32 when it says none).
+
+    An unknown one is a ConfigError: guessing would load a checkpoint in a dtype nobody chose.
+    """
+    key = "dtype" if cfg.extra.get("dtype") is not None else "torch_dtype"
+    value = cfg.extra.get(key) or "float32"
     try:
         return parse_dtype(value)
     except ConfigError:
-        return torch.float32
+        raise ConfigError(f"config field '{key}' is {value!r}, not float32, bfloat16 or float16; "
+                          "pass a dtype to load it in one of those") from None

@@ -31,3 +31,13 @@ def process_state() -> Any:
     from accelerate import PartialState
 
     return PartialState(cpu=use_cpu())
+
+
+def shutdown() -> None:
+    """Destroy the process group, if one was made, before the interpreter exits: left to interpreter
+    shutdown, gloo's threads can abort a process that has finished its work (SIGABRT, "terminate
+    called without an active exception"), failing a run whose results are already written."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()

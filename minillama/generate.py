@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .errors import GenerationError
-from .model import Transformer
+from .model import Transformer, check_token_ids
 
 # Cache lengths are rounded up so that successive calls reuse one allocation (and one compiled graph).
 CACHE_ROUND = 256
@@ -32,16 +32,20 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
+            raise GenerationError(f"temperature must be >= 0 and finite, got {self.temperature!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
             raise GenerationError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
         if self.top_p is not None and not (0 < self.top_p <= 1):
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.min_p is not None and not (0 <= self.min_p <= 1):
             raise GenerationError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
-            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        penalty = self.repetition_penalty
+        if not (isinstance(penalty, (int, float)) and 0 < penalty < float("inf")):
+            raise GenerationError(f"repetition_penalty must be > 0 and finite, got {penalty!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**64):
+            raise GenerationError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -56,7 +60,10 @@ def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor
         logits = torch.where(seen, penalized, logits)
     if cfg.greedy:
         return logits
-    logits = logits / cfg.temperature
+    # A tiny temperature overflows the top logits to inf, and softmax(inf - inf) is NaN: cap them
+    # at the largest float so the top tokens share the mass (the limit of temperature -> 0).
+    logits = torch.nan_to_num(logits / cfg.temperature, posinf=torch.finfo(logits.dtype).max,
+                              neginf=float("-inf"))
     if cfg.top_k:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -88,6 +95,17 @@ def eos_ids(model: Transformer, tokenizer: Any = None) -> list[int]:
             if i not in ids:
                 ids.append(i)
     return ids
+
+
+def seen_tokens(ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [B, V]: which ids occur at unmasked positions of each row (the repetition penalty's "seen").
+
+    Counted with scatter_add, not written with scatter_: when a pad id also occurs as a real token,
+    scatter_ would write True and False to one index, and on CUDA the last writer is arbitrary.
+    """
+    ids = ids.masked_fill(mask == 0, 0)  # pad ids need not be valid tokens; they add 0 anyway
+    counts = torch.zeros(ids.shape[0], vocab_size, dtype=torch.int32, device=ids.device)
+    return counts.scatter_add_(1, ids, (mask != 0).to(torch.int32)) > 0
 
 
 def left_pad(
@@ -164,8 +182,7 @@ def decode_tokens(
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     seen = None
     if sampling.repetition_penalty != 1.0:
-        seen = torch.zeros(bsz, model.config.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, input_ids, attention_mask.bool())
+        seen = seen_tokens(input_ids, attention_mask, model.config.vocab_size)
     eos_t = torch.tensor(list(eos), dtype=torch.long, device=device)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     step = step_fn if step_fn is not None else model
@@ -188,22 +205,35 @@ def decode_tokens(
             seen.scatter_(1, token[:, None], True)
         pos = prompt_len + i
         # Finished rows keep decoding their own (ignored) samples: the pad id need not be a valid token.
+        # validate=False: the token comes from our own logits and the slot from the cache we sized.
         logits = step(sampled[:, None], torch.tensor([pos], device=device),
-                      position_ids=pos - pad_count, padding_mask=padding_mask)[:, -1].float()
+                      position_ids=pos - pad_count, padding_mask=padding_mask, validate=False)[:, -1].float()
+
+
+def check_stop_strings(stops: Sequence[str] | str) -> list[str]:
+    """The stop strings as a list; GenerationError for an empty one (it would match before any text)."""
+    stops = [stops] if isinstance(stops, str) else list(stops)
+    for s in stops:
+        if not isinstance(s, str):
+            raise GenerationError(f"stop strings must be text, got {s!r}")
+        if not s:
+            raise GenerationError("empty stop string: it would stop before the first token; drop it")
+    return stops
 
 
 class StopStrings:
     """should_stop callback: a row stops once its new text contains any of `stops`."""
 
     def __init__(self, tokenizer: Any, stops: Sequence[str], batch: int) -> None:
-        self.stops = [s for s in stops if s]
+        self.stops = check_stop_strings(stops)
+        self.window = max(map(len, self.stops)) + 16
         self.decoders = [IncrementalDecoder(tokenizer) for _ in range(batch)]
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         hits = []
         for decoder, token in zip(self.decoders, tokens.tolist()):
             decoder.push(token)
-            tail = decoder.text[-(max(map(len, self.stops)) + 16):]
+            tail = decoder.text[-self.window:]
             hits.append(any(s in tail for s in self.stops))
         return torch.tensor(hits, device=tokens.device)
 
@@ -250,6 +280,8 @@ def generate_tokens(
     if ids.shape[1] >= context:
         raise GenerationError(f"prompt has {ids.shape[1]} tokens; the model's context is {context} "
                               "(max_position_embeddings), leaving no room to generate")
+    check_token_ids(ids.masked_fill(mask == 0, 0), model.config.vocab_size, "prompt")
+    stop = check_stop_strings(stop or [])
     if stop and tokenizer is None:
         raise GenerationError("stop strings need a tokenizer: pass tokenizer=...")
     should_stop = StopStrings(tokenizer, stop, ids.shape[0]) if stop else None

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .errors import GenerationError
 from .kv_cache import KVCache
 from .loss import linear_cross_entropy, reference_cross_entropy
 from .norms import build_norm
@@ -23,6 +24,22 @@ ACT_FNS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str = "input_ids") -> None:
+    """GenerationError unless every id is in [0, vocab_size).
+
+    An out-of-range id would raise an IndexError in the embedding on CPU and a device-side assert
+    on CUDA, which poisons the CUDA context for the rest of the process: check before the lookup.
+    """
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise GenerationError(f"{what}: token ids must be integers, got {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.stack(ids.aminmax()).tolist())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise GenerationError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
 class Attention(nn.Module):
@@ -149,6 +166,20 @@ class Transformer(nn.Module):
         cache = self.layers[0].attn.kv_cache if len(self.layers) else None
         return cache.max_seq_len if cache is not None else 0
 
+    def _check_slots(self, input_pos: torch.Tensor, bsz: int, seqlen: int) -> None:
+        cache = self.layers[0].attn.kv_cache if len(self.layers) else None
+        if cache is None:
+            return  # forward() says so
+        if input_pos.shape != (seqlen,):
+            raise GenerationError(f"input_pos must hold one slot per token ({seqlen}), got shape "
+                                  f"{list(input_pos.shape)}")
+        if bsz > cache.k.shape[0]:
+            raise GenerationError(f"batch of {bsz} rows; the KV cache holds {cache.k.shape[0]} (setup_cache)")
+        lo, hi = (int(v) for v in torch.stack(input_pos.aminmax()).tolist())
+        if lo < 0 or hi >= cache.max_seq_len:
+            raise GenerationError(f"input_pos: slot {lo if lo < 0 else hi} is outside the KV cache "
+                                  f"[0, {cache.max_seq_len}) (setup_cache(max_seq_len=...))")
+
     def _mask(
         self, q_pos: torch.Tensor, kv_len: int, padding_mask: torch.Tensor | None
     ) -> torch.Tensor:
@@ -173,6 +204,7 @@ class Transformer(nn.Module):
         padding_mask: torch.Tensor | None = None,
         last_only: bool = False,
         labels: torch.Tensor | None = None,
+        validate: bool = True,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] for `input_ids` [batch, seq].
 
@@ -183,14 +215,22 @@ class Transformer(nn.Module):
         last_only: project only the last position to the vocabulary (prefill for generation).
         labels: [batch, seq] next-token ids per position (-100: no loss); returns the summed fp32
             cross-entropy instead of logits, without materialising them (see minillama/loss.py).
+        validate: check token ids and cache slots first (GenerationError; one host sync on a GPU).
+            Skipped under torch.compile; generation's own decode steps pass False.
         """
+        if input_ids.dim() != 2:
+            raise GenerationError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
         bsz, seqlen = input_ids.shape
+        if validate and not torch.compiler.is_compiling():
+            check_token_ids(input_ids, self.config.vocab_size)
+            if input_pos is not None:
+                self._check_slots(input_pos, bsz, seqlen)
         if input_pos is None:
             q_pos = torch.arange(seqlen, device=input_ids.device)
             kv_len = seqlen
         else:
             if self.cache_len == 0:
-                raise RuntimeError("input_pos given but no KV cache: call model.setup_cache(...) first")
+                raise GenerationError("input_pos given but no KV cache: call model.setup_cache(...) first")
             # One new token (decode) attends over every slot: static shapes for a compiled step.
             # Several (prefill) attend only up to the last one written, and from slot 0 that is
             # plain causal attention, whose kernel skips the masked half.

@@ -39,9 +39,12 @@ def load_tokenizer(path: str | Path) -> Any:
     """Load the tokenizer saved in a local checkpoint directory (never from a hub); "byte": byte_tokenizer()."""
     from transformers import AutoTokenizer
 
+    from .atomic import recover_directory
+
     if str(path) == "byte":
         return byte_tokenizer()
     path = Path(path)
+    recover_directory(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (minillama loads local checkpoints only)")
     try:

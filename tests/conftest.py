@@ -85,3 +85,23 @@ def smollm2_dir() -> Path:
     except MinillamaError as e:
         pytest.fail(str(e))
     return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with the byte tokenizer (ChatML) and a 4096-token context, for fast CLI
+    runs. The EOS logit is pinned to 0 so greedy answers run to --max-new-tokens."""
+    from minillama.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    cfg = hf_config("llama", vocab_size=len(tok), max_position_embeddings=4096, num_key_value_heads=2,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    randomize(model, 0)
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] = 0
+    path = tmp_path_factory.mktemp("tiny-chat")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

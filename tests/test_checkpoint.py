@@ -60,7 +60,7 @@ def test_save_round_trip_through_transformers(make_hf, tmp_path, model_type, ove
     _assert_same_logits(ours, ref)
     # and back into minillama: bit-identical weights
     again = minillama.from_pretrained(out)
-    for (name, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+    for (name, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 

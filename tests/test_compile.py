@@ -43,5 +43,5 @@ def test_training_step_compiles_through_the_backward_ops(through_op):
         inputs = [t.clone().requires_grad_() for t in (x, res, w, b)]
         fn(*inputs).backward()
         grads.append([t.grad for t in inputs])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)

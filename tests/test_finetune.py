@@ -11,7 +11,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from minillama import from_pretrained
+from minillama import from_pretrained, generate
 from minillama.errors import CheckpointError, ConfigError
 from minillama.train import finetune, load_finetune_config
 from minillama.train.checkpointing import latest_checkpoint
@@ -72,8 +72,8 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path: Path, small_da
                                   return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
-        out = hf.generate(ids, max_new_tokens=8, do_sample=False)
-    assert out.shape[1] > ids.shape[1]
+        out = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    assert torch.equal(out, generate(ours, ids, 8, eos_token_id=[]))  # the same greedy tokens
     # The exported weights are the trained ones, not the initial ones.
     ckpt = load_file(tmp_path / "run/checkpoints/step-000005/model.safetensors")
     assert torch.equal(ckpt["embed.weight"], ours.embed.weight)
@@ -186,7 +186,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         model.gradient_checkpointing = flag
         model(ids).logsumexp(-1).sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
 
 

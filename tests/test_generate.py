@@ -42,7 +42,7 @@ def test_batched_left_padded_equals_one_by_one(make_hf, model_type, overrides):
     model = minillama.from_pretrained(path)
     batched = generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0)
     width = max(map(len, PROMPTS))
-    for row, prompt in zip(batched, PROMPTS):
+    for row, prompt in zip(batched, PROMPTS, strict=True):
         alone = generate(model, torch.tensor([prompt]), 12, eos_token_id=[])[0]
         assert torch.equal(row[width - len(prompt):], alone)
     # the same through a left-padded tensor and its attention mask
@@ -60,12 +60,16 @@ def test_eos_stops_and_pads_finished_rows(make_hf):
     width = max(map(len, PROMPTS))
     eos = int(free[0, width + 2])  # row 0's third new token
     out = generate(model, PROMPTS, 10, eos_token_id=[eos], pad_token_id=-1)
-    row0 = out[0, width:].tolist()
-    assert row0[:3] == free[0, width:width + 3].tolist() and set(row0[3:]) <= {-1}
-    for r in range(3):  # each row stops at its first EOS, the rest is padding
-        new = out[r, width:].tolist()
-        if eos in new:
-            assert set(new[new.index(eos) + 1:]) <= {-1}
+    # Each row is its free-running tokens up to and including its first EOS, then padding; the
+    # batch ends once every row has stopped.
+    expected, stops = [], []
+    for r in range(3):
+        new = free[r, width:].tolist()
+        stop = new.index(eos) + 1 if eos in new else len(new)
+        stops.append(stop)
+        expected.append(new[:stop] + [-1] * (len(new) - stop))
+    assert stops[0] <= 3
+    assert out[:, width:].tolist() == [row[:max(stops)] for row in expected]
     assert generate(model, PROMPTS[:1], 10, eos_token_id=[int(free[0, width])]).shape[1] == 3 + 1
 
 

@@ -67,5 +67,5 @@ def test_left_padding_equals_unpadded(make_hf, model_type, overrides):
 def test_input_pos_without_cache_is_an_error(make_hf):
     _, path = make_hf("llama")
     model = minillama.from_pretrained(path)
-    with pytest.raises(RuntimeError, match="setup_cache"):
+    with pytest.raises(minillama.GenerationError, match="setup_cache"):
         model(_ids(1, 4), torch.arange(4))

@@ -71,5 +71,5 @@ def test_model_loss_equals_loss_of_its_logits() -> None:
     ref = reference_cross_entropy(model(ids), labels)
     g_ref = torch.autograd.grad(ref, list(model.parameters()))
     torch.testing.assert_close(fused, ref)
-    for a, b in zip(g_fused, g_ref):
+    for a, b in zip(g_fused, g_ref, strict=True):
         torch.testing.assert_close(a, b)

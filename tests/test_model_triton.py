@@ -29,6 +29,6 @@ def test_logits_and_gradients_equal_the_torch_norm(make_hf, model_type, override
     torch.testing.assert_close(out[0], out[1], **tol)
     for o in out:
         o.float().logsumexp(-1).mean().backward()
-    for (name, a), (_, b) in zip(fused.named_parameters(), plain.named_parameters()):
+    for (name, a), (_, b) in zip(fused.named_parameters(), plain.named_parameters(), strict=True):
         scale = b.grad.abs().max().item() + 1e-6
         assert (a.grad - b.grad).abs().max().item() <= (1e-4 if dtype == torch.float32 else 0.1) * scale, name

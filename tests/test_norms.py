@@ -46,7 +46,7 @@ def test_rmsnorm_variants_agree(dtype, tol):
         norm = build_norm(name, 64, 1e-6).to(dtype)
         norm.weight.data.copy_(weight)
         outs.append(norm(x).float())
-    for name, out in zip(RMS_FAMILY[1:], outs[1:]):
+    for name, out in zip(RMS_FAMILY[1:], outs[1:], strict=True):
         torch.testing.assert_close(out, outs[0], atol=tol, rtol=tol, msg=name)
 
 

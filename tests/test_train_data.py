@@ -25,7 +25,7 @@ CONVERSATION = [
 def target_text(tokenizer, messages) -> str:
     ex = chat_example(tokenizer, messages)
     assert len(ex.ids) == len(ex.targets)
-    return tokenizer.decode([t for t, keep in zip(ex.ids, ex.targets) if keep])
+    return tokenizer.decode([t for t, keep in zip(ex.ids, ex.targets, strict=True) if keep])
 
 
 def test_chat_targets_are_the_assistant_turns_byte_tokenizer() -> None:

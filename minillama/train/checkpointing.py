@@ -6,7 +6,7 @@ A checkpoint is `out/checkpoints/step-NNNNNN/` holding
   rng-rankR.safetensors   each process's torch RNG states (+ rng-rankR.json: Python's)
   trainer_state.json      step, scheduler, run facts and a manifest of every file with its size
 The main process writes it (every process's RNG state gathered to it) into a hidden temporary
-directory renamed into place only when complete (checkpoint.atomic_directory), and
+directory renamed into place only when complete (atomic.atomic_directory), and
 trainer_state.json is written last: a directory without it, or whose files do not match its
 manifest, is skipped on resume in favour of the previous one.
 """
@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..checkpoint import atomic_directory
+from ..atomic import atomic_directory
 from ..errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
