@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections import Counter
 from types import SimpleNamespace
 
 import torch
@@ -33,6 +35,19 @@ MAX_BLOCK = 8192
 CPU_THROUGH_OP = False
 
 
+# Kernel launches by name: tests assert that Triton really ran (a silent torch fallback fails them).
+LAUNCHES: Counter[str] = Counter()
+
+
+def launch_guard(t: torch.Tensor, name: str) -> contextlib.AbstractContextManager:
+    """Count a launch and make `t`'s GPU the current one for it: Triton launches on the current
+    device, so a model on cuda:1 would otherwise run its kernels on cuda:0's stream."""
+    LAUNCHES[name] += 1
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Triton on CUDA tensors, and on any tensor under the interpreter; torch otherwise."""
     return triton is not None and (x.is_cuda or INTERPRET)
@@ -59,10 +74,10 @@ def to_dtype(x, dtype: tl.constexpr):
 
 @jit
 def load_h(X, R, H, cols, mask, HAS_RES: tl.constexpr):
-    """One chunk of h = x (+ residual, rounded to x's dtype and stored to H), returned in fp32."""
+    """One chunk of h = x (+ residual, rounded to H's dtype = promote(x, residual), stored there) in fp32."""
     h = tl.load(X + cols, mask=mask, other=0.0)
     if HAS_RES:
-        h = to_dtype(h.to(tl.float32) + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32), X.dtype.element_ty)
+        h = to_dtype(h.to(tl.float32) + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32), H.dtype.element_ty)
         tl.store(H + cols, h, mask=mask)
     return h.to(tl.float32)
 

@@ -8,7 +8,8 @@ optional fused residual add, one-pass backward with deterministic fp32 dweight/d
 import torch
 
 from . import _common
-from ._common import as_rows, block_size, bwd_programs, jit, load_h, num_warps, tl, to_dtype, use_triton
+from ._common import (as_rows, block_size, bwd_programs, jit, launch_guard, load_h, num_warps, tl, to_dtype,
+                      use_triton)
 
 
 
@@ -172,10 +173,11 @@ def _fwd_triton(x, weight, bias, residual, eps):
     if rows:
         block, single = block_size(n)
         w = weight.contiguous()
-        _fwd_kernel[(rows,)](x2, r2, w, bias.contiguous() if bias is not None else w, y, h, mean, rstd,
-               x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n, eps,
-               HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK=block, SINGLE=single,
-               num_warps=num_warps(block))
+        with launch_guard(x, "layer_norm_fwd"):
+            _fwd_kernel[(rows,)](x2, r2, w, bias.contiguous() if bias is not None else w, y, h, mean, rstd,
+                   x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n, eps,
+                   HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK=block, SINGLE=single,
+                   num_warps=num_warps(block))
     shape = x.shape
     return y.view(shape), (h.view(shape) if residual is not None else x), mean.view(shape[:-1]), rstd.view(shape[:-1])
 
@@ -192,10 +194,11 @@ def _bwd_triton(dy, dh, h, weight, mean, rstd, has_bias, store_dr):
     db_part = torch.zeros((programs, n), dtype=torch.float32, device=h.device)
     if rows:
         block, single = block_size(n)
-        _bwd_kernel[(programs,)](dy2, dh2, h2, weight.contiguous(), mean.reshape(-1), rstd.reshape(-1),
-               dx, dr, dw_part, db_part, dy2.stride(0), dh2.stride(0), h2.stride(0), dx.stride(0), dr.stride(0),
-               rows, n, -(-rows // programs), HAS_DH=dh is not None, STORE_DR=store_dr, HAS_BIAS=has_bias,
-               BLOCK=block, SINGLE=single, num_warps=num_warps(block))
+        with launch_guard(h, "layer_norm_bwd"):
+            _bwd_kernel[(programs,)](dy2, dh2, h2, weight.contiguous(), mean.reshape(-1), rstd.reshape(-1),
+                   dx, dr, dw_part, db_part, dy2.stride(0), dh2.stride(0), h2.stride(0), dx.stride(0), dr.stride(0),
+                   rows, n, -(-rows // programs), HAS_DH=dh is not None, STORE_DR=store_dr, HAS_BIAS=has_bias,
+                   BLOCK=block, SINGLE=single, num_warps=num_warps(block))
     dw = dw_part.sum(0).to(weight.dtype)
     db = db_part.sum(0) if has_bias else None
     return dx.view(h.shape), (dr.view(h.shape) if store_dr else None), dw, db

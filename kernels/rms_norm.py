@@ -1,9 +1,10 @@
 """Fused RMSNorm: y = x / sqrt(mean(x^2) + eps) * (weight + offset), with an optional residual add.
 
-Numerics (both paths): h = x + residual rounded to the input dtype (as an unfused model adds);
-statistics and normalisation in fp32; the normalised value rounded to the input dtype (HF Llama
-casting, transformers#33133); (weight + offset) formed in fp32, so Gemma's 1 + w never rounds
-to 1 in bf16; the product rounded once to promote(x.dtype, weight.dtype).
+Numerics (both paths): h = x + residual in promote(x.dtype, residual.dtype), as an unfused model
+adds (a bf16 sublayer output onto an fp32 residual stream stays fp32); statistics and
+normalisation in fp32; the normalised value rounded to h's dtype (HF Llama casting,
+transformers#33133); (weight + offset) formed in fp32, so Gemma's 1 + w never rounds to 1 in
+bf16; the product rounded once to promote(h.dtype, weight.dtype).
 
 Forward reads x (and residual) once and writes y (and h) once, keeping the fp32 1/rms per row.
 Backward is one pass over the rows: dx (and d-residual) per row, with dweight as fp32 partial
@@ -13,7 +14,8 @@ sums, one row of partials per program, summed in a fixed order afterwards: deter
 import torch
 
 from . import _common
-from ._common import as_rows, block_size, bwd_programs, jit, load_h, num_warps, tl, to_dtype, use_triton
+from ._common import (as_rows, block_size, bwd_programs, jit, launch_guard, load_h, num_warps, tl, to_dtype,
+                      use_triton)
 
 
 
@@ -34,7 +36,7 @@ def _fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, N, 
         mask = cols < N
         hf = load_h(X, R, H, cols, mask, HAS_RES)
         rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / N + eps)
-        normed = to_dtype(hf * rstd, X.dtype.element_ty).to(tl.float32)
+        normed = to_dtype(hf * rstd, H_or_X.dtype.element_ty).to(tl.float32)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
         tl.store(Y + cols, to_dtype(normed * w, Y.dtype.element_ty), mask=mask)
     else:
@@ -48,7 +50,7 @@ def _fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, N, 
             cols = start + tl.arange(0, BLOCK)
             mask = cols < N
             hf = tl.load(H_or_X + cols, mask=mask, other=0.0).to(tl.float32)
-            normed = to_dtype(hf * rstd, X.dtype.element_ty).to(tl.float32)
+            normed = to_dtype(hf * rstd, H_or_X.dtype.element_ty).to(tl.float32)
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
             tl.store(Y + cols, to_dtype(normed * w, Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + row, rstd)
@@ -154,9 +156,10 @@ def _fwd_triton(x, weight, residual, eps, offset):
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
         block, single = block_size(n)
-        _fwd_kernel[(rows,)](x2, r2, weight.contiguous(), y, h, rstd,
-               x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n, eps, offset,
-               HAS_RES=residual is not None, BLOCK=block, SINGLE=single, num_warps=num_warps(block))
+        with launch_guard(x, "rms_norm_fwd"):
+            _fwd_kernel[(rows,)](x2, r2, weight.contiguous(), y, h, rstd,
+                   x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n, eps, offset,
+                   HAS_RES=residual is not None, BLOCK=block, SINGLE=single, num_warps=num_warps(block))
     shape = x.shape
     h_out = h.view(shape) if residual is not None else x
     return y.view(shape), h_out, rstd.view(shape[:-1])
@@ -173,10 +176,11 @@ def _bwd_triton(dy, dh, h, weight, rstd, offset, store_dr):
     partial = torch.empty((programs, n), dtype=torch.float32, device=h.device)
     if rows:
         block, single = block_size(n)
-        _bwd_kernel[(programs,)](dy2, dh2, h2, weight.contiguous(), rstd.reshape(-1), dx, dr, partial,
-               dy2.stride(0), dh2.stride(0), h2.stride(0), dx.stride(0), dr.stride(0),
-               rows, n, offset, -(-rows // programs),
-               HAS_DH=dh is not None, STORE_DR=store_dr, BLOCK=block, SINGLE=single, num_warps=num_warps(block))
+        with launch_guard(h, "rms_norm_bwd"):
+            _bwd_kernel[(programs,)](dy2, dh2, h2, weight.contiguous(), rstd.reshape(-1), dx, dr, partial,
+                   dy2.stride(0), dh2.stride(0), h2.stride(0), dx.stride(0), dr.stride(0),
+                   rows, n, offset, -(-rows // programs),
+                   HAS_DH=dh is not None, STORE_DR=store_dr, BLOCK=block, SINGLE=single, num_warps=num_warps(block))
         dw = partial.sum(0)
     else:
         dw = torch.zeros(n, dtype=torch.float32, device=h.device)

@@ -37,7 +37,11 @@ def on_device():
 
 @pytest.fixture
 def interpret():
-    """The Triton path: the process runs under TRITON_INTERPRET=1 (see the module docstring)."""
+    """The Triton path: the process runs under TRITON_INTERPRET=1 (see the module docstring).
+    The test fails if no Triton kernel was launched (a silent fallback to the torch path)."""
+    before = sum(_common.LAUNCHES.values())
+    yield
+    assert sum(_common.LAUNCHES.values()) > before, "no Triton kernel ran: the test took the torch path"
 
 
 def hf_rms(h, w, eps, offset=0.0):
@@ -63,7 +67,7 @@ def run(fn, x, w, extra, residual, dy, dh):
 
 
 def check(ours, same_dtype, ref, atol, what):
-    for i, (o, s, r) in enumerate(zip(ours, same_dtype, ref)):
+    for i, (o, s, r) in enumerate(zip(ours, same_dtype, ref, strict=True)):
         err, base = (o - r).abs().max().item(), (s - r).abs().max().item()
         assert err <= 2 * base + atol, f"{what} output {i}: error {err:.3g} > 2 * {base:.3g} + {atol}"
 
@@ -174,14 +178,67 @@ def test_weight_in_any_dtype(interpret, weight_dtype):
     assert layer_norm(x, w, b).dtype == torch.bfloat16
 
 
-def test_strided_inputs_need_no_copy_and_give_the_same_numbers(interpret):
-    base = torch.randn(6, 200)
-    x = base[::2, 10:138]  # row stride 400, unit column stride
+def test_strided_inputs_against_an_fp64_reference(interpret):
+    """Strided inputs checked against an independent reference, not against our own contiguous result."""
+    base, rbase = torch.randn(6, 200), torch.randn(6, 200)
+    x, r = base[::2, 10:138], rbase[::2, 50:178]  # row strides 400, unit column stride: used in place
     w = torch.rand(128) + 0.5
-    torch.testing.assert_close(rms_norm(x, w), rms_norm(x.contiguous(), w))
     xt = torch.randn(128, 3).t()  # column stride 3: copied
-    torch.testing.assert_close(rms_norm(xt, w), hf_rms(xt, w, 1e-6))
-    torch.testing.assert_close(layer_norm(x, w, None), F.layer_norm(x, (128,), w))
+
+    def ref_rms(h):
+        return hf_rms(h.double(), w.double(), 1e-6).float()
+
+    torch.testing.assert_close(rms_norm(x, w), ref_rms(x))
+    torch.testing.assert_close(rms_norm(xt, w), ref_rms(xt))
+    y, h = rms_norm(x, w, residual=r)
+    torch.testing.assert_close(h, x + r)
+    torch.testing.assert_close(y, ref_rms(x.double() + r.double()))
+    torch.testing.assert_close(layer_norm(x, w, None), F.layer_norm(x.double(), (128,), w.double()).float())
+    xg = x.clone().requires_grad_()
+    dy = torch.randn(6, 200)[::2, 20:148]
+    rms_norm(xg, w).backward(dy)
+    xr = x.double().requires_grad_()
+    hf_rms(xr, w.double(), 1e-6).backward(dy.double())
+    torch.testing.assert_close(xg.grad, xr.grad.float())
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_wider_residual_keeps_h_in_the_promoted_dtype(interpret, monkeypatch, norm):
+    """bf16 sublayer output + fp32 residual stream (bf16 autocast): h = x + residual stays fp32, as in
+    an unfused model, forward and backward, on the Triton path and the torch path alike."""
+    x, w, b, r, dy, dh = _inputs((6, 96), torch.bfloat16)
+    r = r.float() + 1e-3 * torch.randn(r.shape)  # fp32 bits that a bf16 h would lose
+    dy, dh = dy.float(), dh.float()
+
+    def call(x, w, res):
+        if norm == "rms":
+            return rms_norm(x, w, 1e-6, residual=res)
+        return layer_norm(x, w, b, 1e-5, residual=res)
+
+    def reference(x, w, res):  # fp64, unfused
+        h = x.double() + res.double()
+        y = hf_rms(h, w.double(), 1e-6) if norm == "rms" else F.layer_norm(h, (96,), w.double(), b.double(), 1e-5)
+        return y, h
+
+    results = []
+    for triton_path in (True, False):
+        if not triton_path:
+            monkeypatch.setattr(_common, "INTERPRET", False)  # the torch implementation (on CPU)
+        xs, rs = x.clone().requires_grad_(), r.clone().requires_grad_()
+        y, h = call(xs, w, rs)
+        assert h.dtype == torch.float32 and y.dtype == torch.float32
+        assert torch.equal(h, x.float() + r)
+        torch.autograd.backward([y, h], [dy, dh])
+        results.append((y.detach(), xs.grad, rs.grad))
+    xr, rr = x.double().requires_grad_(), r.double().requires_grad_()
+    y_ref, h_ref = reference(xr, w, rr)
+    torch.autograd.backward([y_ref, h_ref], [dy.double(), dh.double()])
+    for y, dx, dr in results:
+        assert dx.dtype == torch.bfloat16 and dr.dtype == torch.float32
+        torch.testing.assert_close(y, y_ref.float())
+        torch.testing.assert_close(dr, rr.grad.float(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(dx, rr.grad.bfloat16())  # d/dx = d/dresidual, rounded to x's dtype
+    torch.testing.assert_close(results[0][0], results[1][0])  # fp32 sums in another order: ulps apart
 
 
 def test_stride_zero_gradient(interpret):
@@ -204,7 +261,7 @@ def test_backward_is_deterministic(interpret):
         y2.backward(dy.bfloat16())
         return [t.grad for t in (xs, ws, bs, rs)]
 
-    for a, c in zip(grads(), grads()):
+    for a, c in zip(grads(), grads(), strict=True):
         assert torch.equal(a, c)
 
 
