@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections import Counter
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -53,8 +55,14 @@ def use_triton(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or INTERPRET)
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will want gradients of a call on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def use_op(x: torch.Tensor) -> bool:
-    """Whether a call goes through the registered torch.library op (always, where Triton runs)."""
+    """Whether a call takes the kernels' dispatch (where Triton runs): the torch.library op under
+    torch.compile, the same implementation called directly in eager code."""
     return CPU_THROUGH_OP or use_triton(x)
 
 
@@ -73,12 +81,13 @@ def to_dtype(x, dtype: tl.constexpr):
 
 
 @jit
-def load_h(X, R, H, cols, mask, HAS_RES: tl.constexpr):
-    """One chunk of h = x (+ residual, rounded to H's dtype = promote(x, residual), stored there) in fp32."""
-    h = tl.load(X + cols, mask=mask, other=0.0)
+def load_h(x_ptrs, r_ptrs, h_ptrs, mask, HAS_RES: tl.constexpr):
+    """A tile of h = x (+ residual, rounded to h's dtype = promote(x, residual), stored there), in fp32."""
+    h = tl.load(x_ptrs, mask=mask, other=0.0)
     if HAS_RES:
-        h = to_dtype(h.to(tl.float32) + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32), H.dtype.element_ty)
-        tl.store(H + cols, h, mask=mask)
+        h = to_dtype(h.to(tl.float32) + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32),
+                     h_ptrs.dtype.element_ty)
+        tl.store(h_ptrs, h, mask=mask)
     return h.to(tl.float32)
 
 
@@ -94,19 +103,61 @@ def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t2
 
 
-def block_size(n: int) -> tuple[int, bool]:
-    """(BLOCK, SINGLE): one register-resident block when the row fits, else a loop of MAX_BLOCK chunks."""
+@dataclass(frozen=True)
+class Launch:
+    """How a kernel covers a [rows, n] tensor: tiles of `rows` x `block` (the whole row when `single`,
+    else one row in chunks of `block`), with `num_warps` warps per program."""
+
+    block: int
+    rows: int
+    single: bool
+    num_warps: int
+
+
+# A program (forward) or one step of a backward program's row loop should move tens of kilobytes:
+# several short rows per tile, one long row alone, at 16 fp32 values per thread for each live
+# array. The backward keeps about twice as many arrays live, so it takes half the tile (and half
+# the warps): at 16 warps a thread may hold only 128 registers, and its LayerNorm spilled there
+# (tests/test_kernels_sm90.py checks every variant with ptxas).
+TILE_ELEMS = 8192
+BWD_TILE_ELEMS = 4096
+
+
+@functools.lru_cache(maxsize=None)
+def launch_config(n: int, rows_hint: int, tile: int = TILE_ELEMS) -> Launch:
+    """The tile for hidden size n when there are about `rows_hint` rows (cached: no per-call work).
+
+    Decode (1 row) gets a one-row tile; rows_hint only matters below the tile's row count.
+    """
     block = triton.next_power_of_2(n)
-    return (block, True) if block <= MAX_BLOCK else (MAX_BLOCK, False)
+    if block > MAX_BLOCK:
+        return Launch(MAX_BLOCK, 1, False, 16)
+    rows = min(max(1, tile // block), triton.next_power_of_2(max(1, rows_hint)))
+    return Launch(block, rows, True, max(1, min(16, rows * block // 512)))
 
 
-def num_warps(block: int) -> int:
-    return max(1, min(16, block // 256))
+def row_bucket(rows: int) -> int:
+    """rows_hint for launch_config: exact up to the largest tile height, so the cache stays small."""
+    return min(rows, TILE_ELEMS)
 
 
-def bwd_programs(rows: int, device: torch.device) -> int:
-    """Programs for the backward pass; each owns a contiguous range of rows and one dW partial row."""
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def bwd_grid(rows: int, cfg: Launch, device: torch.device) -> tuple[int, int]:
+    """(programs, rows per program) for a backward pass: a persistent grid of two programs per SM
+    (enough to hide latency; the dW partials to sum afterwards stay ~2-4% of the traffic), each
+    owning a contiguous range of whole tiles and one row of dW partials."""
+    tiles = -(-rows // cfg.rows)
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(rows, 4 * sms))
-    return max(1, min(rows, 4))  # interpreter: few, long programs
+        programs = max(1, min(tiles, 2 * _sm_count(device.index if device.index is not None else 0)))
+    else:
+        programs = max(1, min(tiles, 4))  # interpreter: few, long programs
+    per_program = -(-tiles // programs) * cfg.rows
+    return -(-rows // per_program), per_program
+
+
+# Software pipelining of the backward's row loop (loads of the next tile overlap this one's math).
+BWD_STAGES = 2

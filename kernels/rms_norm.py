@@ -6,44 +6,49 @@ normalisation in fp32; the normalised value rounded to h's dtype (HF Llama casti
 transformers#33133); (weight + offset) formed in fp32, so Gemma's 1 + w never rounds to 1 in
 bf16; the product rounded once to promote(h.dtype, weight.dtype).
 
-Forward reads x (and residual) once and writes y (and h) once, keeping the fp32 1/rms per row.
-Backward is one pass over the rows: dx (and d-residual) per row, with dweight as fp32 partial
-sums, one row of partials per program, summed in a fixed order afterwards: deterministic.
+Forward reads x (and residual) once and writes y (and h) once, keeping the fp32 1/rms per row;
+short rows go several to a program (see _common.launch_config). Backward is one streaming pass
+over the rows by a persistent grid sized from the SM count: dx (and d-residual) per row, dweight
+as fp32 partial sums, one row of partials per program, summed in a fixed order afterwards:
+deterministic.
 """
 
 import torch
 
 from . import _common
-from ._common import (as_rows, block_size, bwd_programs, jit, launch_guard, load_h, num_warps, tl, to_dtype,
-                      use_triton)
+from ._common import (BWD_STAGES, BWD_TILE_ELEMS, as_rows, bwd_grid, jit, launch_config, launch_guard, load_h,
+                      row_bucket, tl, to_dtype, use_triton)
 
 
 
 # ---------------------------------------------------------------- Triton kernels
 
 @jit
-def _fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, N, eps, offset,
-                HAS_RES: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    X += row * stride_x
-    Y += row * stride_y
-    if HAS_RES:
+def _fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, M, N, eps, offset,
+                HAS_RES: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, SINGLE: tl.constexpr):
+    if SINGLE:  # a tile of ROWS whole rows
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        mask = (rows < M)[:, None] & (cols < N)[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        h_ptrs = H + r64 * stride_h + cols[None, :] if HAS_RES else X + r64 * stride_x + cols[None, :]
+        hf = load_h(X + r64 * stride_x + cols[None, :], R + r64 * stride_r + cols[None, :], h_ptrs, mask, HAS_RES)
+        rstd = tl.rsqrt(tl.sum(hf * hf, axis=1) / N + eps)
+        normed = to_dtype(hf * rstd[:, None], h_ptrs.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32) + offset
+        tl.store(Y + r64 * stride_y + cols[None, :], to_dtype(normed * w[None, :], Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + rows, rstd, mask=rows < M)
+    else:  # one long row in chunks: sum of squares, then normalise (h re-read from where it lives)
+        row = tl.program_id(0).to(tl.int64)
+        X += row * stride_x
+        Y += row * stride_y
         R += row * stride_r
         H += row * stride_h
-    H_or_X = H if HAS_RES else X  # where h lives once the residual add has been stored
-    if SINGLE:
-        cols = tl.arange(0, BLOCK)
-        mask = cols < N
-        hf = load_h(X, R, H, cols, mask, HAS_RES)
-        rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / N + eps)
-        normed = to_dtype(hf * rstd, H_or_X.dtype.element_ty).to(tl.float32)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
-        tl.store(Y + cols, to_dtype(normed * w, Y.dtype.element_ty), mask=mask)
-    else:
+        H_or_X = H if HAS_RES else X
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            hf = load_h(X, R, H, cols, cols < N, HAS_RES)
+            hf = load_h(X + cols, R + cols, H + cols, cols < N, HAS_RES)
             acc += hf * hf
         rstd = tl.rsqrt(tl.sum(acc, axis=0) / N + eps)
         for start in range(0, N, BLOCK):
@@ -53,44 +58,48 @@ def _fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, N, 
             normed = to_dtype(hf * rstd, H_or_X.dtype.element_ty).to(tl.float32)
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
             tl.store(Y + cols, to_dtype(normed * w, Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + row, rstd)
+        tl.store(RSTD + row, rstd)
 
 
 @jit
 def _bwd_kernel(DY, DH, H, W, RSTD, DX, DR, DW, stride_dy, stride_dh, stride_h, stride_dx, stride_dr,
                 M, N, offset, rows_per_program,
-                HAS_DH: tl.constexpr, STORE_DR: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+                HAS_DH: tl.constexpr, STORE_DR: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                SINGLE: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     DW += pid.to(tl.int64) * N
-    if SINGLE:
+    if SINGLE:  # tiles of ROWS whole rows, streamed: the next tile's loads overlap this one's math
         cols = tl.arange(0, BLOCK)
-        mask = cols < N
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+        cmask = cols < N
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
         dw = tl.zeros([BLOCK], dtype=tl.float32)
-        for row in range(row_start, row_end):
-            row64 = tl.cast(row, tl.int64)
-            h = tl.load(H + row64 * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row64)
+        for tile in tl.range(row_start, row_end, ROWS, num_stages=STAGES):
+            rows = tile + tl.arange(0, ROWS)
+            rmask = rows < row_end
+            mask = rmask[:, None] & cmask[None, :]
+            r64 = rows.to(tl.int64)[:, None]
+            h = tl.load(H + r64 * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)[:, None]
             xhat = h * rstd
-            # dweight sees the normalised value as the forward multiplied it: rounded to the input dtype.
-            dw += dy * to_dtype(xhat, H.dtype.element_ty).to(tl.float32)
-            g = dy * w
-            c = tl.sum(g * xhat, axis=0) / N
+            # dweight sees the normalised value as the forward multiplied it: rounded to h's dtype.
+            dw += tl.sum(dy * to_dtype(xhat, H.dtype.element_ty).to(tl.float32), axis=0)
+            g = dy * w[None, :]
+            c = tl.sum(g * xhat, axis=1)[:, None] / N
             dx = (g - xhat * c) * rstd
             if HAS_DH:
-                dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + row64 * stride_dx + cols, to_dtype(dx, DX.dtype.element_ty), mask=mask)
+                dx += tl.load(DH + r64 * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + r64 * stride_dx + cols[None, :], to_dtype(dx, DX.dtype.element_ty), mask=mask)
             if STORE_DR:
-                tl.store(DR + row64 * stride_dr + cols, to_dtype(dx, DR.dtype.element_ty), mask=mask)
-        tl.store(DW + cols, dw, mask=mask)
+                tl.store(DR + r64 * stride_dr + cols[None, :], to_dtype(dx, DR.dtype.element_ty), mask=mask)
+        tl.store(DW + cols, dw, mask=cmask)
     else:
         for start in range(0, N, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             tl.store(DW + cols, tl.zeros([BLOCK], dtype=tl.float32), mask=cols < N)
-        for row in range(row_start, row_end):
+        for row in tl.range(row_start, row_end, num_stages=STAGES):
             row64 = tl.cast(row, tl.int64)
             rstd = tl.load(RSTD + row64)
             acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -155,11 +164,12 @@ def _fwd_triton(x, weight, residual, eps, offset):
     h = torch.empty((rows, n), dtype=h_dtype, device=x.device) if residual is not None else y
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
-        block, single = block_size(n)
+        cfg = launch_config(n, row_bucket(rows))
         with launch_guard(x, "rms_norm_fwd"):
-            _fwd_kernel[(rows,)](x2, r2, weight.contiguous(), y, h, rstd,
-                   x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n, eps, offset,
-                   HAS_RES=residual is not None, BLOCK=block, SINGLE=single, num_warps=num_warps(block))
+            _fwd_kernel[(-(-rows // cfg.rows),)](
+                x2, r2, weight.contiguous(), y, h, rstd, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0),
+                rows, n, eps, offset, HAS_RES=residual is not None, BLOCK=cfg.block, ROWS=cfg.rows,
+                SINGLE=cfg.single, num_warps=cfg.num_warps)
     shape = x.shape
     h_out = h.view(shape) if residual is not None else x
     return y.view(shape), h_out, rstd.view(shape[:-1])
@@ -172,31 +182,42 @@ def _bwd_triton(dy, dh, h, weight, rstd, offset, store_dr):
     rows = h2.shape[0]
     dx = torch.empty((rows, n), dtype=h.dtype, device=h.device)
     dr = torch.empty_like(dx) if store_dr else dx
-    programs = bwd_programs(rows, h.device)
-    partial = torch.empty((programs, n), dtype=torch.float32, device=h.device)
     if rows:
-        block, single = block_size(n)
+        cfg = launch_config(n, row_bucket(rows), BWD_TILE_ELEMS)
+        programs, per_program = bwd_grid(rows, cfg, h.device)
+        partial = torch.empty((programs, n), dtype=torch.float32, device=h.device)
         with launch_guard(h, "rms_norm_bwd"):
-            _bwd_kernel[(programs,)](dy2, dh2, h2, weight.contiguous(), rstd.reshape(-1), dx, dr, partial,
-                   dy2.stride(0), dh2.stride(0), h2.stride(0), dx.stride(0), dr.stride(0),
-                   rows, n, offset, -(-rows // programs),
-                   HAS_DH=dh is not None, STORE_DR=store_dr, BLOCK=block, SINGLE=single, num_warps=num_warps(block))
+            _bwd_kernel[(programs,)](
+                dy2, dh2, h2, weight.contiguous(), rstd.reshape(-1), dx, dr, partial,
+                dy2.stride(0), dh2.stride(0), h2.stride(0), dx.stride(0), dr.stride(0), rows, n, offset, per_program,
+                HAS_DH=dh is not None, STORE_DR=store_dr, BLOCK=cfg.block, ROWS=cfg.rows, SINGLE=cfg.single,
+                STAGES=BWD_STAGES, num_warps=cfg.num_warps)
         dw = partial.sum(0)
     else:
         dw = torch.zeros(n, dtype=torch.float32, device=h.device)
     return dx.view(h.shape), (dr.view(h.shape) if store_dr else None), dw.to(weight.dtype)
 
 
-# ---------------------------------------------------------------- torch.library ops
+def _fwd(x, weight, residual, eps, offset):
+    """(y, h, rstd) on the tensor's path: the Triton kernel or the torch code (h is x without residual)."""
+    return (_fwd_triton if use_triton(x) else _fwd_torch)(x, weight, residual, eps, offset)
+
+
+def _bwd(dy, dh, h, weight, rstd, offset, has_residual):
+    """(dx, dresidual or None, dweight) on the tensor's path."""
+    if use_triton(h):
+        return _bwd_triton(dy, dh, h, weight, rstd, offset, has_residual)
+    dx, dw = _bwd_torch(dy, dh, h, weight, rstd, offset)
+    return dx, (dx.clone() if has_residual else None), dw  # two gradients must never share storage
+
+
+# ---------------------------------------------------------------- torch.library ops (what torch.compile sees)
 
 @torch.library.custom_op("minillama::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float,
                  offset: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, rstd); h is x + residual (an empty tensor without residual, since outputs may not alias inputs)."""
-    if use_triton(x):
-        y, h, rstd = _fwd_triton(x, weight, residual, eps, offset)
-    else:
-        y, h, rstd = _fwd_torch(x, weight, residual, eps, offset)
+    y, h, rstd = _fwd(x, weight, residual, eps, offset)
     return y, (h if residual is not None else x.new_empty(0)), rstd
 
 
@@ -212,11 +233,7 @@ def _(x, weight, residual, eps, offset):
 def rms_norm_bwd(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor,
                  rstd: torch.Tensor, offset: float, has_residual: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dresidual, dweight); dresidual is empty without residual."""
-    if use_triton(h):
-        dx, dr, dw = _bwd_triton(dy, dh, h, weight, rstd, offset, has_residual)
-    else:
-        dx, dw = _bwd_torch(dy, dh, h, weight, rstd, offset)
-        dr = dx.clone() if has_residual else None  # two gradients must never share storage
+    dx, dr, dw = _bwd(dy, dh, h, weight, rstd, offset, has_residual)
     return dx, (dr if has_residual else h.new_empty(0)), dw
 
 
@@ -242,20 +259,48 @@ def _backward(ctx, dy, dh, drstd):
 rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerRMSNorm(torch.autograd.Function):
+    """Eager calls that need gradients: the same kernels without the custom-op dispatch, which costs
+    more host time than the kernels at small sizes (tools/bench_kernels.py --overhead)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, residual, eps, offset):
+        y, h, rstd = _fwd(x, weight, residual, eps, offset)
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.offset, ctx.has_residual = offset, residual is not None
+        ctx.set_materialize_grads(False)  # an unused h gets no gradient: no zeros to read
+        return (y, h) if residual is not None else y
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        h, weight, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros(h.shape, dtype=torch.promote_types(h.dtype, weight.dtype), device=h.device)
+        dx, dr, dw = _bwd(dy, dh, h, weight, rstd, ctx.offset, ctx.has_residual)
+        return dx, dw, dr, None, None
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
     residual: torch.Tensor | None = None, offset: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of x (or of h = x + residual, returning (y, h)) over the last dimension.
 
-    Triton on CUDA or under TRITON_INTERPRET=1, torch otherwise; same numbers either way.
+    Triton on CUDA or under TRITON_INTERPRET=1, torch otherwise; same numbers either way. Under
+    torch.compile the call is the custom op; eagerly it skips the op's dispatch (no gradient
+    needed: the kernel alone; else a plain autograd.Function around the same kernels).
     """
     if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
-    if _common.use_op(x):
-        y, h, _ = rms_norm_fwd(x, weight, residual, float(eps), float(offset))
+    eps, offset = float(eps), float(offset)
+    if not _common.use_op(x):
+        y, h, _ = _fwd_torch(x, weight, residual, eps, offset)
+    elif torch.compiler.is_compiling():
+        y, h, _ = rms_norm_fwd(x, weight, residual, eps, offset)
+    elif _common.needs_grad(x, weight, residual):
+        return _EagerRMSNorm.apply(x, weight, residual, eps, offset)
     else:
-        y, h, _ = _fwd_torch(x, weight, residual, float(eps), float(offset))
+        y, h, _ = _fwd(x, weight, residual, eps, offset)
     return (y, h) if residual is not None else y

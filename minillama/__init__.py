@@ -7,11 +7,19 @@ before torch is imported, and a Ctrl-C during that import is handled like any ot
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError, ConfigError, GenerationError, MinillamaError
 
 __version__ = "0.1.0"
+
+# Installed, kernels/ is the subpackage minillama.kernels (pyproject's package-dir). From a plain
+# checkout on PYTHONPATH (a machine without a package index), find it the same way.
+_checkout = Path(__file__).resolve().parent.parent
+if importlib.util.find_spec(f"{__name__}.kernels") is None and (_checkout / "kernels").is_dir():
+    __path__.append(str(_checkout))
 
 _LAZY = {
     "from_pretrained": "checkpoint", "save_pretrained": "checkpoint", "ModelConfig": "config",

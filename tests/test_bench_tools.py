@@ -60,3 +60,21 @@ def test_ablate_norm_quick(tmp_path):
         rows["batchnorm"]["val_loss_batch_stats_bs16"], rel=1e-4)
     assert rows["layernorm"]["params"] - rows["rmsnorm"]["params"] == 5 * 64
     assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_kernels_runs_and_reports(tmp_path):
+    out = tmp_path / "k.json"
+    run = subprocess.run([sys.executable, str(TOOLS / "bench_kernels.py"), "--hidden", "64,200", "--rows", "1,9",
+                          "--calls", "2", "--repeats", "2", "--no-compile", "--json", str(out),
+                          "--plot", str(tmp_path / "k.png")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert {(r["norm"], r["impl"]) for r in results} >= {("rmsnorm", "minillama"), ("add+rmsnorm", "F.rms_norm"),
+                                                         ("layernorm", "F.layer_norm")}
+    assert all("error" not in r and r["fwd_gb_s"] > 0 and r["bwd_gb_s"] > 0 for r in results)
+    assert (tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"
+    run = subprocess.run([sys.executable, str(TOOLS / "bench_kernels.py"), "--overhead", "--calls", "20",
+                          "--repeats", "2", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {r["call"]: r for r in json.loads(out.read_text())["results"]}
+    assert "minillama rms_norm (public call)" in rows and "F.rms_norm" in rows

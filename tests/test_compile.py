@@ -45,3 +45,23 @@ def test_training_step_compiles_through_the_backward_ops(through_op):
         grads.append([t.grad for t in inputs])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_eager_calls_skip_the_op_dispatch(through_op, monkeypatch):
+    """Eager code calls the kernels directly (the custom op's dispatch costs more host time than a
+    small kernel): the ops are for torch.compile, which the test above checks."""
+    import importlib
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("eager call went through the custom op")
+
+    for name, op in (("rms_norm", "rms_norm_fwd"), ("layer_norm", "layer_norm_fwd")):
+        monkeypatch.setattr(importlib.import_module(f"minillama.kernels.{name}"), op, forbidden)
+    x, res = torch.randn(3, 32, requires_grad=True), torch.randn(3, 32, requires_grad=True)
+    w, b = torch.rand(32, requires_grad=True), torch.randn(32)
+    with torch.no_grad():
+        minillama.kernels.rms_norm(x, w, residual=res)
+        layer_norm(x, w, b)
+    y, h = minillama.kernels.rms_norm(x, w, residual=res)
+    (layer_norm(y, w, b) * h).sum().backward()
+    assert x.grad is not None and res.grad is not None and w.grad is not None

@@ -295,3 +295,50 @@ def test_shape_errors():
         rms_norm(torch.randn(2, 8), torch.ones(7))
     with pytest.raises(ValueError, match="residual shape"):
         layer_norm(torch.randn(2, 8), torch.ones(8), None, residual=torch.randn(8))
+
+
+def _every_launch(n: int) -> list[tuple[_common.Launch, int]]:
+    """(configuration, row count) for every launch configuration the dispatcher picks for hidden size
+    n: tile heights 1, 2, 4, ... (each with a partial last tile where possible), and the tallest tile
+    again with rows spread over several backward programs, the last one short."""
+    cases, height = [], 1
+    while True:
+        m = height - 1 if height > 2 else height  # next_pow2(m) == height: a partial tile
+        cfg = _common.launch_config(n, _common.row_bucket(m))
+        cases.append((cfg, m))
+        if cfg.rows < height or cfg.rows == _common.TILE_ELEMS // cfg.block or not cfg.single:
+            break
+        height *= 2
+    tallest, m = cases[-1][0], 5 * cases[-1][0].rows + 1
+    while m % _common.bwd_grid(m, tallest, torch.device(DEVICE))[1] == 0:
+        m += 1
+    return cases + [(tallest, m)]
+
+
+@pytest.mark.parametrize("n", [40, 300, 1000, 3000, 9000])
+def test_every_launch_configuration(interpret, n):
+    """Forward and backward of both norms, residual and not, in every configuration the dispatcher can
+    choose for this width (tile heights 1..max, one-block and looped rows, partial last tiles)."""
+    cases = _every_launch(n)
+    heights = sorted({cfg.rows for cfg, _ in cases})
+    assert heights == [2 ** i for i in range(len(heights))]  # 1, 2, 4, ... up to the tallest tile
+    assert heights[-1] == (_common.TILE_ELEMS // cases[0][0].block if n <= _common.MAX_BLOCK else 1)
+    assert all(cfg.single for cfg, _ in cases) == (n <= _common.MAX_BLOCK)
+    programs, per_program = _common.bwd_grid(cases[-1][1], cases[-1][0], torch.device(DEVICE))
+    assert programs > 1 and cases[-1][1] % per_program  # several backward programs, the last one short
+    for cfg, m in cases:
+        assert _common.launch_config(n, _common.row_bucket(m)) == cfg
+        x, w, b, r, dy, dh = _inputs((m, n), torch.float32, seed=m)
+        run_ours = run(lambda x, w, res: rms_norm(x, w, 1e-6, residual=res), x, w, [], r, dy, dh)
+        run_ref = run(lambda x, w, res: (hf_rms(x.double() + res.double(), w.double(), 1e-6), x.double() + res.double()),
+                      x, w, [], r, dy, dh)
+        for a, e in zip(run_ours, run_ref, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * max(1.0, m / 64))
+        y = layer_norm(x, w, b, 1e-5)
+        torch.testing.assert_close(y, F.layer_norm(x.double(), (n,), w.double(), b.double(), 1e-5).float(),
+                                   rtol=1e-4, atol=1e-4)
+        xg = x.clone().requires_grad_()
+        layer_norm(xg, w, b, 1e-5).backward(dy)
+        xr = x.double().requires_grad_()
+        F.layer_norm(xr, (n,), w.double(), b.double(), 1e-5).backward(dy.double())
+        torch.testing.assert_close(xg.grad, xr.grad.float(), rtol=1e-4, atol=1e-4)

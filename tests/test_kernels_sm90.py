@@ -1,13 +1,19 @@
-"""Every kernel variant compiles for an H100 (sm_90) with Triton's own compiler and bundled ptxas.
+"""Every kernel variant compiles for an H100/H200 (sm_90) with Triton's own compiler and bundled ptxas,
+in the launch configurations the dispatcher picks, without spilling registers.
 
 The interpreter tests check the numbers; this checks that the same source is valid compiled
-Triton (the interpreter accepts some code the compiler rejects), with no GPU needed.
+Triton (the interpreter accepts some code the compiler rejects) and that no variant spills (a
+spill turns a bandwidth-bound kernel into a local-memory-bound one), with no GPU needed.
+`pytest -s tests/test_kernels_sm90.py` prints the registers per thread of each variant.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -15,35 +21,71 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from minillama.kernels import _common  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 RMS = importlib.import_module("minillama.kernels.rms_norm")
 LN = importlib.import_module("minillama.kernels.layer_norm")
 SCALARS = {"eps": "fp32", "offset": "fp32"}
+# Triton bundles ptxas builds for several PTX versions; the newest reads what this Triton emits.
+PTXAS = sorted((Path(triton.__file__).parent / "backends" / "nvidia" / "bin").glob("ptxas*"), reverse=True)
+# Hidden sizes of real models (SmolLM2 576 ... Llama-3-70B 8192, wider for the looped path) x a
+# decode step (1 row) and a large batch: every distinct configuration the dispatcher picks for them.
+CONFIGS = sorted({(direction, _common.launch_config(n, _common.row_bucket(m), tile))
+                  for direction, tile in (("fwd", _common.TILE_ELEMS), ("bwd", _common.BWD_TILE_ELEMS))
+                  for n in (64, 576, 1024, 2048, 4096, 8192, 16384) for m in (1, 8192)},
+                 key=lambda c: (c[0], c[1].single, c[1].block, c[1].rows))
 
 
-def _compile(kernel, pointers: dict[str, str], constexprs: dict[str, object]) -> None:
+def _compile(kernel, pointers: dict[str, str], constexprs: dict[str, object], num_warps: int,
+             tmp: Path) -> tuple[int, int]:
+    """Compile for sm_90; (registers per thread, bytes spilled) from `ptxas -v` on the generated PTX."""
     sig = {}
     for name in inspect.signature(kernel.fn).parameters:
         sig[name] = ("constexpr" if name in constexprs else pointers.get(name) or SCALARS.get(name, "i32"))
     compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32))
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert compiled.asm["cubin"]
+    ptx = tmp / "kernel.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    for ptxas in PTXAS:
+        run = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(tmp / "k.cubin")],
+                             capture_output=True, text=True)
+        if run.returncode == 0:
+            break
+    assert run.returncode == 0, run.stderr
+    report = run.stderr
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+    return regs, spills
 
 
-@pytest.mark.parametrize("single", [True, False], ids=["one-block", "looped"])
-@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-def test_kernels_compile_for_sm90(single, residual, tmp_path, monkeypatch):
+@pytest.mark.parametrize("direction,cfg", CONFIGS, ids=lambda c: c if isinstance(c, str) else (
+    f"{'one' if c.single else 'looped'}-b{c.block}-r{c.rows}-w{c.num_warps}"))
+def test_kernels_compile_for_sm90_without_spills(direction, cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # really compile, never reuse a cached binary
     t = "*bf16"
-    block = 4096 if single else 8192
-    _compile(RMS._fwd_kernel, dict(X=t, R=t, W=t, Y=t, H=t, RSTD="*fp32"),
-             dict(HAS_RES=residual, BLOCK=block, SINGLE=single))
-    _compile(RMS._bwd_kernel, dict(DY=t, DH=t, H=t, W=t, RSTD="*fp32", DX=t, DR=t, DW="*fp32"),
-             dict(HAS_DH=residual, STORE_DR=residual, BLOCK=block, SINGLE=single))
-    for bias in (False, True):
-        _compile(LN._fwd_kernel, dict(X=t, R=t, W=t, B=t, Y=t, H=t, MEAN="*fp32", RSTD="*fp32"),
-                 dict(HAS_RES=residual, HAS_BIAS=bias, BLOCK=block, SINGLE=single))
-        _compile(LN._bwd_kernel, dict(DY=t, DH=t, H=t, W=t, MEAN="*fp32", RSTD="*fp32", DX=t, DR=t, DW="*fp32",
-                                      DB="*fp32"),
-                 dict(HAS_DH=residual, STORE_DR=residual, HAS_BIAS=bias, BLOCK=block, SINGLE=single))
+    shape = dict(BLOCK=cfg.block, ROWS=cfg.rows, SINGLE=cfg.single)
+    stages = dict(STAGES=_common.BWD_STAGES)
+    variants = {}
+    for residual in (False, True):
+        if direction == "fwd":
+            variants[f"rms res={residual}"] = _compile(
+                RMS._fwd_kernel, dict(X=t, R=t, W=t, Y=t, H=t, RSTD="*fp32"), dict(HAS_RES=residual, **shape),
+                cfg.num_warps, tmp_path)
+            variants[f"ln res={residual}"] = _compile(
+                LN._fwd_kernel, dict(X=t, R=t, W=t, B=t, Y=t, H=t, MEAN="*fp32", RSTD="*fp32"),
+                dict(HAS_RES=residual, HAS_BIAS=True, **shape), cfg.num_warps, tmp_path)
+        else:
+            variants[f"rms res={residual}"] = _compile(
+                RMS._bwd_kernel, dict(DY=t, DH=t, H=t, W=t, RSTD="*fp32", DX=t, DR=t, DW="*fp32"),
+                dict(HAS_DH=residual, STORE_DR=residual, **shape, **stages), cfg.num_warps, tmp_path)
+            variants[f"ln res={residual}"] = _compile(
+                LN._bwd_kernel, dict(DY=t, DH=t, H=t, W=t, MEAN="*fp32", RSTD="*fp32", DX=t, DR=t, DW="*fp32",
+                                     DB="*fp32"),
+                dict(HAS_DH=residual, STORE_DR=residual, HAS_BIAS=True, **shape, **stages), cfg.num_warps,
+                tmp_path)
+    print(f"\n{direction} {cfg}: " + ", ".join(f"{k} {r} regs" for k, (r, _) in variants.items()))
+    spilling = {k: s for k, (_, s) in variants.items() if s}
+    assert not spilling, f"{direction} {cfg}: register spills (bytes) {spilling}"

@@ -1,17 +1,22 @@
 #!/usr/bin/env python
-"""Norm kernels against their peers: time, GB/s and % of memory bandwidth, forward and backward.
+"""Norm kernels against their peers: eager-call time and device time, GB/s and % of copy bandwidth.
 
-Byte model (what a perfect kernel must move): forward reads x and writes y; backward reads x and
-dy and writes dx (the weight, its gradient and the per-row statistics are ignored: O(hidden),
-not O(rows x hidden)). GB/s = bytes / median time; "% peak" divides by the device's bandwidth
-measured here with a large device-to-device copy (so it is a fraction of what is reachable).
+Two times per call, because a GPU runs kernels the way they are issued:
+- eager: wall clock of back-to-back calls from Python, as eager code sees them (host overhead included);
+- device: the calls captured in a CUDA graph and replayed, timed with CUDA events: the kernels alone,
+  as inside a CUDA-graph decode step. Inputs rotate through enough buffers that each call reads
+  from HBM, not from the L2 cache. Without CUDA (or if capture fails) device = eager.
+Byte model (what a perfect kernel moves): forward reads x (and the residual) and writes y (and h);
+backward reads h and dy (and dh) and writes dx (and d-residual); weights and per-row statistics are
+ignored (O(hidden)). GB/s use the device time; "% copy" divides by a large device-to-device copy
+measured in the same run.
 
-Peers, all in the same run: F.rms_norm, the transformers-style eager RMSNorm module, and
-torch.compile of that module; F.layer_norm for LayerNorm. On a machine without CUDA the
-"minillama" rows are the torch path (Triton needs a GPU or TRITON_INTERPRET=1).
+Peers in the same run: F.rms_norm / F.layer_norm (unfused add for the residual variant),
+torch.compile of the transformers-style module, and Liger-Kernel when it is importable (never a
+dependency). On a machine without CUDA our rows are the torch path.
 
-    python tools/bench_kernels.py                            # bf16, 4096 rows, hidden 1024..16384
-    python tools/bench_kernels.py --dtypes bfloat16,float16 --rows 8192 --json out.json
+    python tools/bench_kernels.py --rows 1,2048,8192 --dtypes bfloat16,float16 --json k.json --plot k.png
+    python tools/bench_kernels.py --overhead        # host cost of one call on a tiny tensor (any machine)
 """
 
 from __future__ import annotations
@@ -19,88 +24,312 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
+import torch._dynamo.config
+import torch._functorch.config
 import torch.nn.functional as F
 
-from benchutil import copy_bandwidth, timed
+from benchutil import copy_bandwidth, median_spread, sync
 
-from minillama.kernels import layer_norm, rms_norm
-from minillama.kernels._common import use_triton
+from minillama.kernels import _common, layer_norm, rms_norm
+from minillama.kernels.rms_norm import rms_norm_fwd
 
 
 class HFRMSNorm(torch.nn.Module):
-    """transformers' LlamaRMSNorm, verbatim in behaviour: the eager peer."""
+    """transformers' LlamaRMSNorm, in behaviour: the eager peer and the module torch.compile gets."""
 
     def __init__(self, weight: torch.Tensor, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(weight)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
+        h = x if residual is None else x + residual
+        hf = h.float()
+        y = self.weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.eps)).to(h.dtype)
+        return y if residual is None else (y, h)
+
+
+def _liger() -> dict[str, Any]:
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    except ImportError:
+        return {}
+    return {"rms": LigerRMSNormFunction}
+
+
+# ---------------------------------------------------------------- timing
+
+def eager_time(fn: Callable[[int], Any], device: torch.device, calls: int, repeats: int) -> list[float]:
+    """Seconds per call of `calls` back-to-back calls (fn(i) uses buffer i), synchronised at the end."""
+    for i in range(3):
+        fn(i)
+    sync(device)
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i in range(calls):
+            fn(i)
+        sync(device)
+        out.append((time.perf_counter() - t) / calls)
+    return out
+
+
+def device_time(fn: Callable[[int], Any], device: torch.device, calls: int, repeats: int) -> list[float] | None:
+    """Seconds per call with `calls` calls captured in one CUDA graph and replayed; None if not capturable."""
+    if device.type != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (compile, autotune, allocate) outside the capture
+            for i in range(3):
+                fn(i)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                fn(i)
+    except Exception as e:  # an op that syncs or allocates on the host cannot be captured
+        print(f"  (not capturable: {type(e).__name__}; device time from events)", flush=True)
+        return None
+    out = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) / 1e3 / calls)
+    return out
+
+
+# ---------------------------------------------------------------- the cases
+
+def impls(norm: str, n: int, w: torch.Tensor, b: torch.Tensor, compile_peer: bool) -> dict[str, Callable]:
+    """name -> f(x, residual) for one norm; residual is None except for add+rmsnorm."""
+    hf = HFRMSNorm(w.detach().clone()).to(w.device)
+    if norm in ("rmsnorm", "add+rmsnorm"):
+        out = {
+            "minillama": lambda x, r: rms_norm(x, w, 1e-6, residual=r),
+            "F.rms_norm": lambda x, r: F.rms_norm(x if r is None else x + r, (n,), w, 1e-6),
+            "HF eager": hf,
+        }
+        if compile_peer:
+            out["torch.compile(HF)"] = torch.compile(hf)
+        liger = _liger().get("rms")
+        if liger is not None and w.is_cuda and norm == "rmsnorm":
+            out["Liger-Kernel"] = lambda x, r: liger.apply(x, w, 1e-6, 0.0, "llama", False)
+        return out
+    out = {
+        "minillama": lambda x, r: layer_norm(x, w, b, 1e-5),
+        "F.layer_norm": lambda x, r: F.layer_norm(x, (n,), w, b, 1e-5),
+    }
+    if compile_peer:
+        out["torch.compile(F.layer_norm)"] = torch.compile(lambda x, r: F.layer_norm(x, (n,), w, b, 1e-5))
+    return out
+
+
+def bench_case(norm: str, dtype: torch.dtype, n: int, rows: int, device: torch.device, args: argparse.Namespace,
+               peak: float) -> list[dict[str, Any]]:
+    elem = torch.empty(0, dtype=dtype).element_size()
+    fused = norm == "add+rmsnorm"
+    fwd_bytes = (4 if fused else 2) * rows * n * elem
+    bwd_bytes = (5 if fused else 3) * rows * n * elem
+    # Enough distinct buffers that one pass over them is ~4x a 60 MB L2: every call reads HBM.
+    nbuf = max(1, min(args.calls, -(-(256 << 20) // max(fwd_bytes, 1)))) if device.type == "cuda" else 1
+    w = torch.rand(n, device=device, dtype=dtype) + 0.5
+    b = torch.randn(n, device=device, dtype=dtype)
+    xs = [torch.randn(rows, n, device=device, dtype=dtype) for _ in range(nbuf)]
+    rs = [torch.randn(rows, n, device=device, dtype=dtype) for _ in range(nbuf)] if fused else [None] * nbuf
+    dys = [torch.randn(rows, n, device=device, dtype=dtype) for _ in range(nbuf)]
+    results = []
+    for impl, fn in impls(norm, n, w, b, not args.no_compile).items():
+        row: dict[str, Any] = {"norm": norm, "dtype": str(dtype).removeprefix("torch."), "hidden": n, "rows": rows,
+                               "impl": impl, "fwd_bytes": fwd_bytes, "bwd_bytes": bwd_bytes, "buffers": nbuf}
+        try:
+            def fwd(i: int) -> Any:
+                return fn(xs[i % nbuf], rs[i % nbuf])
+
+            grads_in = []
+            for i in range(nbuf):  # one autograd graph per buffer, kept for repeated backward calls
+                x = xs[i].detach().requires_grad_()
+                out = fn(x, rs[i])
+                outs = list(out) if isinstance(out, tuple) else [out]
+                grads_in.append((outs, x, [dys[i]] * len(outs)))
+
+            def bwd(i: int) -> Any:
+                outs, x, g = grads_in[i % nbuf]
+                return torch.autograd.grad(outs, x, g, retain_graph=True)
+
+            for phase, call in (("fwd", fwd), ("bwd", bwd)):
+                eager = eager_time(call, device, args.calls, args.repeats)
+                dev = device_time(call, device, args.calls, args.repeats) or eager
+                row[f"{phase}_eager_s"], row[f"{phase}_device_s"] = eager, dev
+                row[f"{phase}_gb_s"] = row[f"{phase}_bytes"] / statistics.median(dev) / 1e9
+                row[f"{phase}_pct_copy"] = 100 * row[f"{phase}_gb_s"] / peak
+        except Exception as e:  # a peer that cannot run this case is reported, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        results.append(row)
+        print(_md_row(row), flush=True)
+    return results
+
+
+def _us(xs: list[float]) -> str:
+    m, lo, hi = median_spread(xs)
+    return f"{m * 1e6:.1f} [{lo * 1e6:.1f}-{hi * 1e6:.1f}]"
+
+
+def _md_row(r: dict[str, Any]) -> str:
+    head = f"| {r['norm']} | {r['dtype']} | {r['hidden']} | {r['rows']} | {r['impl']} |"
+    if "error" in r:
+        return head + f" {r['error']} | | | | | | | |"
+    return head + " | ".join(
+        f" {_us(r[f'{p}_eager_s'])} | {_us(r[f'{p}_device_s'])} | {r[f'{p}_gb_s']:.0f} | {r[f'{p}_pct_copy']:.0f}%"
+        for p in ("fwd", "bwd")) + " |"
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """GB/s (device time) against hidden size, one line per implementation; one panel per norm x pass."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(r["rows"] for r in results)
+    dtype = results[0]["dtype"]
+    norms = sorted({r["norm"] for r in results})
+    fig, axes = plt.subplots(2, len(norms), figsize=(5 * len(norms), 7), squeeze=False)
+    for j, norm in enumerate(norms):
+        for i, phase in enumerate(("fwd", "bwd")):
+            ax = axes[i][j]
+            sel = [r for r in results if r["norm"] == norm and r["rows"] == rows and r["dtype"] == dtype
+                   and "error" not in r]
+            for impl in dict.fromkeys(r["impl"] for r in sel):
+                pts = sorted((r["hidden"], r[f"{phase}_gb_s"]) for r in sel if r["impl"] == impl)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+            ax.set(xscale="log", xlabel="hidden", ylabel="GB/s", title=f"{norm} {phase}, {rows} rows, {dtype}")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- host overhead alone
+
+def overhead(args: argparse.Namespace) -> None:
+    """Microseconds of host work per call on a tiny tensor, where the kernel itself costs nothing:
+    the op machinery (custom op, autograd) and our Python around it. On a CPU our rows run the
+    torch implementation through the same dispatch a GPU call takes (CPU_THROUGH_OP)."""
+    torch.set_num_threads(1)
+    device = torch.device(args.device or "cpu")
+    x = torch.randn(1, 64, device=device)
+    w = torch.rand(64, device=device) + 0.5
+    r = torch.randn_like(x)
+    dy = torch.randn_like(x)
+
+    @torch.library.custom_op("bench::trivial", mutates_args=())
+    def trivial(t: torch.Tensor) -> torch.Tensor:
+        return t.clone()
+
+    trivial.register_fake(lambda t: torch.empty_like(t))
+    trivial.register_autograd(lambda ctx, g: g)
+
+    class TrivialFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+            return g
+
+    cases: dict[str, Callable[[torch.Tensor], Any]] = {
+        "F.rms_norm": lambda t: F.rms_norm(t, (64,), w, 1e-6),
+        "minillama rms_norm (public call)": lambda t: rms_norm(t, w, 1e-6),
+        "minillama add+rms_norm (public call)": lambda t: rms_norm(t, w, 1e-6, residual=r)[0],
+        "minillama layer_norm (public call)": lambda t: layer_norm(t, w, None, 1e-5),
+        "minillama::rms_norm_fwd op, called directly": lambda t: rms_norm_fwd(t, w, None, 1e-6, 0.0)[0],
+        "trivial custom_op + registered autograd": trivial,
+        "trivial autograd.Function": TrivialFunction.apply,
+    }
+    through_op = _common.CPU_THROUGH_OP
+    _common.CPU_THROUGH_OP = device.type == "cpu" and not args.torch_path
+    print(f"# host overhead per call, [1, 64] fp32 on {device}, 1 thread, torch {torch.__version__}; our calls "
+          f"{'through the op dispatch (CPU_THROUGH_OP)' if _common.CPU_THROUGH_OP else 'on their default path'}; "
+          f"median [min-max] of {args.repeats} x {args.calls} calls\n")
+    print("| call | forward us | forward + backward us |")
+    print("|---|---|---|")
+    results = []
+    try:
+        for name, fn in cases.items():
+            fwd = eager_time(lambda i: fn(x), device, args.calls, args.repeats)
+            xg = x.detach().requires_grad_()
+
+            def train(i: int) -> None:
+                fn(xg).backward(dy)
+
+            both = eager_time(train, device, args.calls, args.repeats)
+            results.append({"call": name, "fwd_s": fwd, "fwd_bwd_s": both})
+            print(f"| {name} | {_us(fwd)} | {_us(both)} |", flush=True)
+    finally:
+        _common.CPU_THROUGH_OP = through_op
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(device), "torch": torch.__version__,
+                                               "results": results}, indent=2))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--norms", default="rmsnorm,add+rmsnorm,layernorm")
     p.add_argument("--hidden", default="1024,2048,4096,8192,16384")
-    p.add_argument("--rows", type=int, default=None, help="default: 4096 on CUDA, 256 on CPU")
+    p.add_argument("--rows", default=None, help="comma list; default 1,2048,8192 on CUDA, 1,256 on CPU")
     p.add_argument("--dtypes", default="bfloat16")
+    p.add_argument("--calls", type=int, default=None, help="calls per sample (default 50 on CUDA, 5 on CPU)")
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
+    p.add_argument("--device", default=None)
+    p.add_argument("--overhead", action="store_true", help="only the host cost of one call (tiny tensor)")
+    p.add_argument("--torch-path", action="store_true", help="--overhead: our calls on their plain CPU path")
     p.add_argument("--json")
+    p.add_argument("--plot", help="PNG of GB/s against hidden size")
     args = p.parse_args()
+    if args.overhead:
+        args.calls = args.calls or 2000
+        return overhead(args)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = args.rows or (4096 if device.type == "cuda" else 256)
-    inner = 20 if device.type == "cuda" else 3
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.calls = args.calls or (50 if device.type == "cuda" else 5)
+    # The compiled peers: one graph per (norm, size, dtype) case, and a backward timed many times
+    # on one autograd graph (retain_graph), which buffer donation forbids.
+    torch._dynamo.config.cache_size_limit = 256
+    if hasattr(torch._functorch.config, "donated_buffer"):
+        torch._functorch.config.donated_buffer = False
+    rows_list = [int(v) for v in (args.rows or ("1,2048,8192" if device.type == "cuda" else "1,256")).split(",")]
     peak = copy_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    ours = "minillama (Triton)" if use_triton(torch.empty(0, device=device)) else "minillama (torch path)"
-    print(f"# bench_kernels on {name}, torch {torch.__version__}, {rows} rows; copy bandwidth {peak:.0f} GB/s")
-    print("# bytes: forward reads x + writes y; backward reads x + dy, writes dx. median [min-max] of "
-          f"{args.repeats}\n")
-    print("| norm | dtype | hidden | impl | fwd us | fwd GB/s | fwd % peak | bwd us | bwd GB/s | bwd % peak |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    ours = "Triton" if _common.use_triton(torch.empty(0, device=device)) else "torch path"
+    print(f"# bench_kernels on {name}, torch {torch.__version__}; minillama = {ours}; copy bandwidth {peak:.0f} GB/s")
+    print(f"# us per call, median [min-max] of {args.repeats} samples of {args.calls} calls; eager = wall clock "
+          "from Python, device = CUDA-graph replay; GB/s and % copy from the device time\n")
+    print("| norm | dtype | hidden | rows | impl | fwd eager us | fwd device us | fwd GB/s | fwd % copy "
+          "| bwd eager us | bwd device us | bwd GB/s | bwd % copy |")
+    print("|" + "---|" * 13)
     results = []
     for dtype_name in args.dtypes.split(","):
-        dtype = getattr(torch, dtype_name)
-        for n in map(int, args.hidden.split(",")):
-            x = torch.randn(rows, n, device=device, dtype=dtype)
-            w = torch.rand(n, device=device, dtype=dtype) + 0.5
-            b = torch.randn(n, device=device, dtype=dtype)
-            dy = torch.randn_like(x)
-            hf = HFRMSNorm(w.clone()).to(device)
-            impls = {
-                ("rmsnorm", ours): lambda t: rms_norm(t, w, 1e-6),
-                ("rmsnorm", "F.rms_norm"): lambda t: F.rms_norm(t, (n,), w, 1e-6),
-                ("rmsnorm", "HF eager"): hf,
-                ("layernorm", ours): lambda t: layer_norm(t, w, b, 1e-5),
-                ("layernorm", "F.layer_norm"): lambda t: F.layer_norm(t, (n,), w, b, 1e-5),
-            }
-            if not args.no_compile:
-                impls[("rmsnorm", "torch.compile(HF eager)")] = torch.compile(hf)
-            elem = x.element_size()
-            for (norm, impl), fn in impls.items():
-                fwd = timed(lambda: fn(x), device, args.repeats, inner, warmup=3)
-                xg = x.detach().requires_grad_()
-                y = fn(xg)
-                bwd = timed(lambda: torch.autograd.grad(y, xg, dy, retain_graph=True), device, args.repeats, inner, warmup=3)
-                row = {"norm": norm, "dtype": dtype_name, "hidden": n, "rows": rows, "impl": impl,
-                       "fwd_s": fwd, "bwd_s": bwd, "fwd_bytes": 2 * rows * n * elem, "bwd_bytes": 3 * rows * n * elem}
-                fm, bm = statistics.median(fwd), statistics.median(bwd)
-                row.update(fwd_gb_s=row["fwd_bytes"] / fm / 1e9, bwd_gb_s=row["bwd_bytes"] / bm / 1e9)
-                results.append(row)
-                print(f"| {norm} | {dtype_name} | {n} | {impl} | {fm * 1e6:.0f} [{min(fwd) * 1e6:.0f}-{max(fwd) * 1e6:.0f}]"
-                      f" | {row['fwd_gb_s']:.0f} | {100 * row['fwd_gb_s'] / peak:.0f}% "
-                      f"| {bm * 1e6:.0f} [{min(bwd) * 1e6:.0f}-{max(bwd) * 1e6:.0f}] | {row['bwd_gb_s']:.0f} "
-                      f"| {100 * row['bwd_gb_s'] / peak:.0f}% |", flush=True)
+        for norm in args.norms.split(","):
+            for n in map(int, args.hidden.split(",")):
+                for rows in rows_list:
+                    results += bench_case(norm, getattr(torch, dtype_name), n, rows, device, args, peak)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "copy_gb_s": peak, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "copy_gb_s": peak,
+                                               "results": results}, indent=2))
+    if args.plot:
+        plot(results, Path(args.plot))
 
 
 if __name__ == "__main__":
