@@ -14,6 +14,7 @@ deterministic.
 """
 
 import torch
+import torch.nn.functional as F
 
 from . import _common
 from ._common import (BWD_STAGES, BWD_TILE_ELEMS, as_rows, bwd_grid, jit, launch_config, launch_guard, load_h,
@@ -130,16 +131,18 @@ def _bwd_kernel(DY, DH, H, W, RSTD, DX, DR, DW, stride_dy, stride_dh, stride_h, 
 
 # ---------------------------------------------------------------- the two implementations of each op
 
-def _fwd_torch(x, weight, residual, eps, offset):
+def _fwd_torch(x, weight, residual, eps, offset, with_rstd=True):
     h = x if residual is None else x + residual
     hf = h.float()
-    rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
-    normed = (hf * rstd).to(h.dtype)
+    # F.rms_norm in fp32 is transformers' hf * rsqrt(mean(hf^2) + eps) bit for bit (tests/test_norms.py),
+    # in one kernel instead of five: that matters in eager decoding, where every op is overhead.
+    normed = F.rms_norm(hf, (hf.shape[-1],), None, eps).to(h.dtype)
     if offset:
         y = (normed.float() * (weight.float() + offset)).to(torch.promote_types(h.dtype, weight.dtype))
     else:  # the same numbers (torch multiplies low-precision tensors in fp32, rounding once), fewer passes
         y = weight * normed
-    return y, h, rstd.squeeze(-1)
+    rstd = torch.rsqrt(hf.pow(2).mean(-1) + eps) if with_rstd else None
+    return y, h, rstd
 
 
 def _bwd_torch(dy, dh, h, weight, rstd, offset):
@@ -296,7 +299,7 @@ def rms_norm(
         raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     eps, offset = float(eps), float(offset)
     if not _common.use_op(x):
-        y, h, _ = _fwd_torch(x, weight, residual, eps, offset)
+        y, h, _ = _fwd_torch(x, weight, residual, eps, offset, with_rstd=False)
     elif torch.compiler.is_compiling():
         y, h, _ = rms_norm_fwd(x, weight, residual, eps, offset)
     elif _common.needs_grad(x, weight, residual):

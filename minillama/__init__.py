@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +41,19 @@ if TYPE_CHECKING:
     from .model import Transformer
     from .norms import NORMS, register_norm
     from .tokenizer import load_tokenizer
+
+
+class _Package(types.ModuleType):
+    """Importing a submodule makes it an attribute of its package: `import minillama.generate`
+    anywhere would turn the function `minillama.generate` into the module generate.py."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from .atomic import atomic_directory, recover_directory
 from .config import ModelConfig, checkpoint_dtype, load_config, parse_dtype, to_hf_config
 from .errors import CheckpointError, ConfigError
+from .linear import prepack_enabled, prepack_model
 from .model import Transformer
 from .norms import Norm
 
@@ -200,11 +201,14 @@ def from_pretrained(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     norm: str | None = None,
+    prepack: bool | None = None,
 ) -> Transformer:
     """Load a local HF Llama/Mistral checkpoint directory into a minillama Transformer.
 
     dtype: defaults to the dtype config.json records (float32 if none). norm: a registered norm
-    name that replaces the checkpoint's RMSNorm.
+    name that replaces the checkpoint's RMSNorm. prepack (CPU): also keep each projection's weight
+    in oneDNN's packed layout for fast inference (minillama/linear.py); None follows
+    MINILLAMA_PREPACK (default on).
     """
     path = Path(path)
     recover_directory(path)
@@ -230,6 +234,8 @@ def from_pretrained(
         extra = sum(p.numel() for m in swapped for n, p in m.named_parameters() if n != "weight")
         warnings.warn(f"{path}: RMSNorm gains loaded into {cfg.norm!r} as its weight (gamma)"
                       + (f"; its other {extra:,} parameters (beta) start at 0" if extra else ""), stacklevel=2)
+    if device.type == "cpu" and prepack_enabled(prepack):
+        prepack_model(model)
     generation = path / "generation_config.json"
     if generation.is_file():
         try:

@@ -27,9 +27,12 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from .checkpoint import from_pretrained
     from .tokenizer import load_tokenizer
 
+    start = time.perf_counter()
     model_dir = Path(args.model) if args.model else default_model_dir()
     model = from_pretrained(model_dir, dtype=args.dtype, device=args.device, norm=args.norm)
-    return model, load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    args.load_s = time.perf_counter() - start
+    return model, tokenizer
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"'}
@@ -62,23 +65,31 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 def _stream_reply(model: Any, tokenizer: Any, ids: list[int], args: argparse.Namespace,
                   options: dict[str, Any]) -> str:
-    from .generate import stream
+    from .generate import GenerationStats, stream
 
-    start = time.perf_counter()
-    pieces, first = [], None
+    stats = GenerationStats()
+    pieces = []
     try:
-        for piece in stream(model, tokenizer, ids, args.max_new_tokens, **options):
-            first = first or time.perf_counter()
+        for piece in stream(model, tokenizer, ids, args.max_new_tokens, stats=stats, **options):
             pieces.append(piece)
             print(piece, end="", flush=True)
     finally:  # Ctrl-C included: what was generated stays on screen, the prompt starts on a new line
         print(flush=True)
     if args.stats:
-        n = len(tokenizer(''.join(pieces), add_special_tokens=False).input_ids)
-        end = time.perf_counter()
-        decode = f", decode {(n - 1) / (end - first):.1f} tok/s" if first and n > 1 and end > first else ""
-        print(f"[{len(ids)} prompt tokens, ~{n} new tokens, {end - start:.2f} s{decode}]", file=sys.stderr)
+        print(format_stats(stats, getattr(args, "load_s", None), args.compile), file=sys.stderr)
+        args.load_s = None  # a chat loads once: later turns report no load time
     return "".join(pieces)
+
+
+def format_stats(stats: Any, load_s: float | None, compiled: bool) -> str:
+    """One line: load, prefill, first decode step (compile/warm-up) and steady decode, each apart."""
+    parts = [f"load {load_s:.2f} s"] if load_s is not None else []
+    parts.append(f"prefill {stats.prompt_tokens} tokens in {stats.prefill_s:.2f} s ({stats.prefill_tok_s:.0f} tok/s)")
+    if stats.new_tokens > 1:
+        parts.append(f"first decode step {stats.warmup_s:.2f} s" + (" (compile)" if compiled else ""))
+    rate = f" at {stats.decode_tok_s:.1f} tok/s" if stats.decode_tok_s else ""
+    parts.append(f"{stats.new_tokens} new tokens{rate}")
+    return "[" + "; ".join(parts) + "]"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -237,7 +248,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="use the tokenizer's chat template (default: when it has one)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, fast tokens)")
-    p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+    p.add_argument("--stats", action="store_true",
+                   help="print load time, prefill, first decode step (compile) and decode speed to stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ would produce alone.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -50,6 +51,36 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass
+class GenerationStats:
+    """Where a generate call's time went, filled in as it runs (pass `stats=GenerationStats()`).
+
+    The first decode step is timed apart: with compile=True it is where compilation happens (and
+    on any device where caches warm up), so it never dilutes the decode rate.
+    """
+
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0  # the prompt's forward pass and the first sampled token
+    warmup_s: float = 0.0  # the first decode step (compilation, when compiling)
+    decode_s: float = 0.0  # every later decode step
+    new_tokens: int = 0  # tokens produced (rows x steps counts a batch as one)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """New tokens per second after the first decode step (the steady state)."""
+        return (self.new_tokens - 2) / self.decode_s if self.new_tokens > 2 and self.decode_s else 0.0
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None) -> torch.Tensor:
@@ -157,11 +188,13 @@ def decode_tokens(
     pad_id: int,
     should_stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
     step_fn: Callable[..., torch.Tensor] | None = None,
+    stats: GenerationStats | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [B] per step; finished rows get `pad_id`.
 
     should_stop(tokens [B]) -> bool [B] adds stop conditions beyond EOS (stop strings).
     step_fn replaces `model` for the one-token decode step (a compiled version of it).
+    stats, when given, is filled with the time of each phase (model time only, not the caller's).
     """
     bsz, prompt_len = input_ids.shape
     device = model.embed.weight.device
@@ -175,6 +208,7 @@ def decode_tokens(
     padding_mask = torch.ones(bsz, model.cache_len, dtype=torch.long, device=device)
     padding_mask[:, :prompt_len] = attention_mask
     pad_count = (attention_mask == 0).sum(-1, keepdim=True)  # left padding per row
+    has_padding = bool(pad_count.any())
     positions = (torch.arange(prompt_len, device=device)[None] - pad_count).clamp(min=0)
 
     generator = None
@@ -184,18 +218,30 @@ def decode_tokens(
     if sampling.repetition_penalty != 1.0:
         seen = seen_tokens(input_ids, attention_mask, model.config.vocab_size)
     eos_t = torch.tensor(list(eos), dtype=torch.long, device=device)
+    # Without padding an eager step needs no mask at all; a compiled step always gets one, so that
+    # one graph serves padded and unpadded batches alike.
+    decode_mask = padding_mask if has_padding or step_fn is not None else None
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     step = step_fn if step_fn is not None else model
 
+    if stats is not None:
+        stats.prompt_tokens, start = prompt_len, _clock(device)
     # Padding slots are masked out; any valid id will do there, whatever the pad id is.
-    has_padding = bool((attention_mask == 0).any())
     logits = model(input_ids.masked_fill(attention_mask == 0, 0), torch.arange(prompt_len, device=device),
                    position_ids=positions, padding_mask=padding_mask if has_padding else None,
                    last_only=True)[:, -1].float()
     for i in range(max_new_tokens):
         sampled = sample(process_logits(logits, sampling, seen), sampling, generator)
         token = sampled.masked_fill(done, pad_id)
+        if stats is not None:
+            # prefill (i == 0), the first decode step (i == 1), then the steady decode steps
+            now = _clock(device)
+            phase = "prefill_s" if i == 0 else "warmup_s" if i == 1 else "decode_s"
+            setattr(stats, phase, getattr(stats, phase) + now - start)
+            stats.new_tokens = i + 1
         yield token
+        if stats is not None:
+            start = _clock(device)  # the caller's time between tokens is not the model's
         done |= torch.isin(token, eos_t)
         if should_stop is not None:
             done |= should_stop(token)
@@ -207,7 +253,7 @@ def decode_tokens(
         # Finished rows keep decoding their own (ignored) samples: the pad id need not be a valid token.
         # validate=False: the token comes from our own logits and the slot from the cache we sized.
         logits = step(sampled[:, None], torch.tensor([pos], device=device),
-                      position_ids=pos - pad_count, padding_mask=padding_mask, validate=False)[:, -1].float()
+                      position_ids=pos - pad_count, padding_mask=decode_mask, validate=False)[:, -1].float()
 
 
 def check_stop_strings(stops: Sequence[str] | str) -> list[str]:
@@ -256,6 +302,7 @@ def generate_tokens(
     tokenizer: Any = None,
     step_fn: Callable[..., torch.Tensor] | None = None,
     compile: bool = False,
+    stats: GenerationStats | None = None,
 ) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
     """Validate everything, then return (left-padded prompt ids [B, S], iterator of new tokens [B]).
 
@@ -289,7 +336,8 @@ def generate_tokens(
         step_fn = _compiled_step(model)
     # Never run past the context the model was trained for.
     max_new_tokens = min(max_new_tokens, context - ids.shape[1])
-    tokens = decode_tokens(model, ids, mask, max_new_tokens, sampling, eos, pad_token_id, should_stop, step_fn)
+    tokens = decode_tokens(model, ids, mask, max_new_tokens, sampling, eos, pad_token_id, should_stop, step_fn,
+                           stats)
     return ids, tokens
 
 
@@ -303,7 +351,7 @@ def generate(
     repetition_penalty, seed, eos_token_id (None: every EOS id of the checkpoint; []: never stop
     early), attention_mask, pad_token_id (fills rows that finished early), stop (strings; needs
     tokenizer), tokenizer, compile (torch.compile the decode step, cached on the model), step_fn
-    (a decode step of your own).
+    (a decode step of your own), stats (a GenerationStats to fill with per-phase timings).
     """
     ids, tokens = generate_tokens(model, input_ids, max_new_tokens, **options)
     new = list(tokens)
@@ -347,6 +395,11 @@ def compile_decode_step(model: Transformer) -> Callable[..., torch.Tensor]:
     if model.config.rope.rope_type == "dynamic":
         return model
     import torch._inductor.config as inductor_config
+
+    from .linear import unpack_model
+
+    # The frozen graph packs the weights itself; the eager prepacked copies would be a third one.
+    unpack_model(model)
 
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
 

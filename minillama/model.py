@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig
 from .errors import GenerationError
 from .kv_cache import KVCache
+from .linear import Linear, unpack_model
 from .loss import linear_cross_entropy, reference_cross_entropy
 from .norms import build_norm
 from .rope import RotaryEmbedding, apply_rope
@@ -49,9 +50,9 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        self.split = (q_dim, kv_dim, kv_dim)
-        self.wqkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.attention_bias)
-        self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.qk_dim = q_dim + kv_dim
+        self.wqkv = Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.attention_bias)
+        self.wo = Linear(q_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.kv_cache: KVCache | None = None
 
     def forward(
@@ -59,16 +60,18 @@ class Attention(nn.Module):
         mask: torch.Tensor | None, input_pos: torch.Tensor | None, kv_len: int,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.split, dim=-1)
-        q = q.view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.wqkv(x)
+        # q and k heads side by side take one rotation (half the small ops of an eager decode step).
+        qk = apply_rope(qkv[..., :self.qk_dim].view(bsz, seqlen, self.n_heads + self.n_kv, self.head_dim), cos, sin)
+        q, k = (t.transpose(1, 2) for t in qk.split((self.n_heads, self.n_kv), dim=2))
+        v = qkv[..., self.qk_dim:].view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
             k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+        # mask None: causal. One query sees every key it is given (SDPA's is_causal would align it
+        # to the first key); several start from key 0, where both alignments agree.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=mask is None and seqlen > 1, enable_gqa=self.n_kv != self.n_heads
         )
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -78,8 +81,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.w_gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.w_down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = ACT_FNS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,12 +123,18 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = build_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         with torch.device("cpu"):  # frequencies are real numbers even when the model is built on meta
             self.rope = RotaryEmbedding(cfg)
         if self.embed.weight.device.type != "meta":
             self.init_weights()
+
+    def train(self, mode: bool = True) -> Transformer:
+        """As nn.Module.train; training also drops the prepacked inference copies (minillama/linear.py)."""
+        if mode:
+            unpack_model(self)
+        return super().train(mode)
 
     def tie_weights(self) -> None:
         """Share the input embedding with the output projection when the config says so."""
@@ -227,22 +236,28 @@ class Transformer(nn.Module):
                 self._check_slots(input_pos, bsz, seqlen)
         if input_pos is None:
             q_pos = torch.arange(seqlen, device=input_ids.device)
-            kv_len = seqlen
+            kv_len, static = seqlen, False
         else:
             if self.cache_len == 0:
                 raise GenerationError("input_pos given but no KV cache: call model.setup_cache(...) first")
-            # One new token (decode) attends over every slot: static shapes for a compiled step.
-            # Several (prefill) attend only up to the last one written, and from slot 0 that is
-            # plain causal attention, whose kernel skips the masked half.
+            # Tokens attend up to the last slot they write; from slot 0 (prefill) that is plain causal
+            # attention, whose kernel skips the masked half. One new token (decode) under
+            # torch.compile or on a GPU attends over every slot instead: static shapes make one
+            # graph for every step, and reading the position back would sync with the GPU.
             q_pos = input_pos
-            kv_len = self.cache_len if seqlen == 1 else int(input_pos[-1]) + 1
+            static = seqlen == 1 and (torch.compiler.is_compiling() or input_pos.device.type != "cpu")
+            kv_len = self.cache_len if static else int(input_pos[-1]) + 1
         if position_ids is None:
             position_ids = q_pos[None]
-        causal = padding_mask is None and self.config.sliding_window is None and kv_len == seqlen
+        # No mask when causal attention says it all: a prompt from slot 0, or one token reading
+        # every slot up to its own (mask None means causal, aligned to the last key; see Attention).
+        window = self.config.sliding_window
+        causal = (padding_mask is None and (window is None or kv_len <= window)
+                  and (kv_len == seqlen or (seqlen == 1 and not static)))
         mask = None if causal else self._mask(q_pos, kv_len, padding_mask)
 
         x = self.embed(input_ids)
-        cos, sin = self.rope(position_ids, x.dtype)
+        cos, sin = (t.unsqueeze(2) for t in self.rope(position_ids, x.dtype))  # [batch, seq, 1 (heads), dim]
         residual = None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -253,7 +268,7 @@ class Transformer(nn.Module):
             x, residual = x[:, -1:], (residual[:, -1:] if residual is not None else None)
         x = self.norm.add_norm(x, residual)[0]
         if labels is not None:
-            if type(self.lm_head) is not nn.Linear:  # e.g. wrapped by a LoRA adapter: the plain path
+            if type(self.lm_head) is not Linear:  # e.g. wrapped by a LoRA adapter: the plain path
                 return reference_cross_entropy(self.lm_head(x), labels)
             return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, labels.flatten())
         return self.lm_head(x)

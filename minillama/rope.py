@@ -121,6 +121,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [batch, heads, seq, head_dim] by cos/sin [batch, seq, head_dim]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """Rotate x [..., head_dim] by cos/sin broadcastable to it (the model passes [batch, seq, 1, head_dim]
+    for x [batch, seq, heads, head_dim])."""
     return x * cos + rotate_half(x) * sin

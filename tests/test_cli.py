@@ -29,7 +29,7 @@ def test_generate_from_stdin_with_system_and_stats(capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?"))
     assert main(["generate", "--system", "Answer in one sentence.", "-n", "24", "--stats"]) == 0
     out = capsys.readouterr()
-    assert "Paris" in out.out and "prompt tokens" in out.err
+    assert "Paris" in out.out and "prefill" in out.err and "load" in out.err and "tok/s" in out.err
 
 
 def test_chat_keeps_the_conversation(capsys, monkeypatch):

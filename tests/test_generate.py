@@ -199,3 +199,18 @@ def test_compiled_decode_step_gives_the_same_tokens(make_hf):
     model = minillama.from_pretrained(path)
     eager = generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0)
     assert torch.equal(generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0, compile=True), eager)
+
+
+def test_stats_time_each_phase_apart(make_hf):
+    from minillama.generate import GenerationStats
+
+    _, path = make_hf("llama", num_key_value_heads=2)
+    model = minillama.from_pretrained(path)
+    stats = GenerationStats()
+    out = generate(model, [PROMPTS[1]], 10, eos_token_id=[], stats=stats)
+    assert stats.prompt_tokens == 7 and stats.new_tokens == 10 == out.shape[1] - 7
+    assert stats.prefill_s > 0 and stats.warmup_s > 0 and stats.decode_s > 0
+    assert stats.decode_tok_s == pytest.approx(8 / stats.decode_s) and stats.prefill_tok_s > 0
+    one = GenerationStats()
+    generate(model, [PROMPTS[1]], 1, eos_token_id=[], stats=one)
+    assert one.new_tokens == 1 and one.warmup_s == 0 and one.decode_tok_s == 0

@@ -110,3 +110,23 @@ def test_smollm2_parameter_counts_match_the_docs(smollm2_dir):
                 model = minillama.from_pretrained(smollm2_dir, norm=name)
         count = sum(p.numel() for p in model.parameters())
         assert re.search(rf"\| `{name}` \|[^\n]*\| {count:,} \|", docs), (name, count)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 576), (7, 64), (3, 5, 2048), (512, 576), (2, 4099)])
+def test_cpu_rmsnorm_is_transformers_bit_for_bit(dtype, shape):
+    """The CPU path normalises with F.rms_norm (one kernel): it must stay transformers' formula exactly."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from minillama.kernels import rms_norm
+
+    gen = torch.Generator().manual_seed(shape[-1])
+    x = (3 * torch.randn(shape, generator=gen)).to(dtype)
+    res = torch.randn(shape, generator=gen).to(dtype)
+    hf = LlamaRMSNorm(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        hf.weight.copy_(1 + 0.2 * torch.randn(shape[-1], generator=gen))
+        hf.to(dtype)
+        assert torch.equal(rms_norm(x, hf.weight, 1e-5), hf(x))
+        y, h = rms_norm(x, hf.weight, 1e-5, residual=res)
+        assert torch.equal(h, x + res) and torch.equal(y, hf(x + res))

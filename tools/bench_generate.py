@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from benchutil import median_spread, read_bandwidth, timed
 
-IMPLS = ("transformers", "minillama", "minillama-compiled")
+# minillama-plain: eager with ordinary matmuls (prepack=False); minillama: the default eager path
+# (on a CPU, projections prepacked for oneDNN at load); minillama-compiled: the compiled decode step.
+IMPLS = ("transformers", "minillama-plain", "minillama", "minillama-compiled")
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -37,6 +39,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import minillama
     from minillama.assets import default_model_dir
     from minillama.generate import generate
+    from minillama.linear import packed_bytes
 
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
@@ -59,8 +62,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             # eos_token_id=-1: never stop early (transformers warns, then runs to max_new_tokens)
             return model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=-1, pad_token_id=0)
     else:
-        model = minillama.from_pretrained(model_dir, dtype=dtype, device=device, norm=args.norm)
+        model = minillama.from_pretrained(model_dir, dtype=dtype, device=device, norm=args.norm,
+                                          prepack=False if args.impl == "minillama-plain" else None)
         compile_step = args.impl == "minillama-compiled"
+        result["packed_mb"] = packed_bytes(model) / 2**20
 
         def run(n: int, ids: torch.Tensor = prompt) -> torch.Tensor:
             return generate(model, ids, n, eos_token_id=[], compile=compile_step)
@@ -137,7 +142,7 @@ def main() -> None:
             print(f"  measured {impl} {dtype}", file=sys.stderr)
 
     head = ("| dtype | impl | prefill tok/s | x HF | decode tok/s | x HF | roofline tok/s | % roofline "
-            "| peak MB | warm-up s | same tokens |")
+            "| peak MB | load s | warm-up s | same tokens |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
@@ -149,7 +154,8 @@ def main() -> None:
                  prefill_vs_hf=pm / ref["prefill_tok_s"][0], same_tokens_as_hf=r["tokens"] == ref["tokens"])
         print(f"| {r['dtype']} | {r['impl']} | {pm:.0f} [{pl:.0f}-{ph:.0f}] | {r['prefill_vs_hf']:.2f} "
               f"| {dm:.1f} [{dl:.1f}-{dh:.1f}] | {r['decode_vs_hf']:.2f} | {roof:.0f} | {100 * dm / roof:.0f}% "
-              f"| {r['peak_mem_mb']:.0f} | {r['warmup_s']:.1f} | {'yes' if r['same_tokens_as_hf'] else 'no'} |")
+              f"| {r['peak_mem_mb']:.0f} | {r['load_s']:.2f} | {r['warmup_s']:.1f} "
+              f"| {'yes' if r['same_tokens_as_hf'] else 'no'} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "bandwidth_gb_s": bandwidth,
                                                "threads": args.threads, "rows": rows}, indent=2))

@@ -38,4 +38,7 @@ def apply_lora(model: nn.Module, cfg: LoraSection) -> nn.Module:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """The plain model with every adapter folded into its weights (the model itself if it has none)."""
+    from ..linear import unpack_model
+
+    unpack_model(model)  # peft rewrites weights through .data, unseen by a packed copy's checks
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
