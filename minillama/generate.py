@@ -50,7 +50,8 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below fp32's smallest normal number a temperature is 0 to the fp32 logits it divides.
+        return self.temperature < 1.1754943508222875e-38
 
 
 @dataclass
@@ -91,10 +92,12 @@ def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor
         logits = torch.where(seen, penalized, logits)
     if cfg.greedy:
         return logits
-    # A tiny temperature overflows the top logits to inf, and softmax(inf - inf) is NaN: cap them
-    # at the largest float so the top tokens share the mass (the limit of temperature -> 0).
-    logits = torch.nan_to_num(logits / cfg.temperature, posinf=torch.finfo(logits.dtype).max,
-                              neginf=float("-inf"))
+    # A tiny temperature overflows logits to +-inf (softmax of inf - inf is NaN). Such rows are
+    # divided after subtracting their maximum, which softmax ignores: the top token keeps 0 and the
+    # rest go to -inf, the temperature -> 0 limit (greedy). Other rows stay exactly transformers'.
+    scaled = logits / cfg.temperature
+    overflow = ~torch.isfinite(scaled).all(-1, keepdim=True)
+    logits = torch.where(overflow, (logits - logits.amax(-1, keepdim=True)) / cfg.temperature, scaled)
     if cfg.top_k:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -214,3 +214,11 @@ def test_stats_time_each_phase_apart(make_hf):
     one = GenerationStats()
     generate(model, [PROMPTS[1]], 1, eos_token_id=[], stats=one)
     assert one.new_tokens == 1 and one.warmup_s == 0 and one.decode_tok_s == 0
+
+
+def test_tiny_temperature_is_greedy_not_noise(make_hf):
+    _, path = make_hf("llama", num_key_value_heads=2)
+    model = minillama.from_pretrained(path)
+    greedy = generate(model, PROMPTS, 12, eos_token_id=[])
+    for t in (1e-30, 1e-40, 5e-324):
+        assert torch.equal(generate(model, PROMPTS, 12, temperature=t, seed=0, eos_token_id=[]), greedy), t
