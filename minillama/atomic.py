@@ -68,10 +68,20 @@ def recover_directory(path: str | Path) -> bool:
     return True
 
 
-def _fsync_tree(root: Path) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _finish_tree(root: Path) -> None:
+    """Give every file the user's umask (safetensors writes its files 0600) and make it durable."""
+    mode = 0o666 & ~_umask()
     for dirpath, _, files in os.walk(root):
         for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
+            path = os.path.join(dirpath, name)
+            os.chmod(path, mode)
+            with open(path, "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(Path(dirpath))
 
@@ -81,8 +91,8 @@ def atomic_directory(path: str | Path, marker: str = "config.json") -> Iterator[
     """Yield a temporary sibling directory that replaces `path` only if the block succeeds.
 
     An existing `path` is replaced only when it is empty or holds `marker` (is itself one of ours):
-    a typo must never wipe an unrelated directory. The directory gets the user's umask (not
-    mkdtemp's 0700), and the parent is fsynced after the renames.
+    a typo must never wipe an unrelated directory. The directory and its files get the user's
+    umask (not mkdtemp's 0700 or safetensors' 0600), and the parent is fsynced after the renames.
     """
     path = Path(path)
     recover_directory(path)
@@ -97,7 +107,7 @@ def atomic_directory(path: str | Path, marker: str = "config.json") -> Iterator[
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
+        _finish_tree(tmp)
         if path.exists():
             old = _aside(path, "old")
             os.rename(path, old)

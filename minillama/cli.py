@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -22,16 +24,38 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    from .assets import default_model_dir
-    from .checkpoint import from_pretrained
-    from .tokenizer import load_tokenizer
+@contextlib.contextmanager
+def deferred_sigint() -> Any:
+    """Hold Ctrl-C until the block ends, then raise KeyboardInterrupt from Python.
 
-    start = time.perf_counter()
-    model_dir = Path(args.model) if args.model else default_model_dir()
-    model = from_pretrained(model_dir, dtype=args.dtype, device=args.device, norm=args.norm)
-    tokenizer = load_tokenizer(model_dir)
-    args.load_s = time.perf_counter() - start
+    Importing torch and loading a checkpoint run C++ that calls back into Python; a
+    KeyboardInterrupt raised inside such a callback aborts the process (SIGABRT, "terminate called
+    after throwing pybind11::error_already_set"), which no `except` can catch.
+    """
+    if sys.gettrace() is not None or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # someone else (a debugger, an embedding program) owns SIGINT
+        return
+    pending: list[int] = []
+    signal.signal(signal.SIGINT, lambda *_: pending.append(1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    with deferred_sigint():
+        from .assets import default_model_dir
+        from .checkpoint import from_pretrained
+        from .tokenizer import load_tokenizer
+
+        start = time.perf_counter()
+        model_dir = Path(args.model) if args.model else default_model_dir()
+        model = from_pretrained(model_dir, dtype=args.dtype, device=args.device, norm=args.norm)
+        tokenizer = load_tokenizer(model_dir)
+        args.load_s = time.perf_counter() - start
     return model, tokenizer
 
 
@@ -306,7 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Library warnings (e.g. a norm swap) as one line, without Python's source-line echo.
     warnings.formatwarning = lambda message, *_, **__: f"minillama: warning: {message}\n"
     try:
-        args = build_parser().parse_args(argv)  # imports torch: Ctrl-C may land here too
+        with deferred_sigint():  # build_parser imports torch
+            parser = build_parser()
+        args = parser.parse_args(argv)
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except MinillamaError as e:

@@ -78,3 +78,41 @@ def test_bench_kernels_runs_and_reports(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {r["call"]: r for r in json.loads(out.read_text())["results"]}
     assert "minillama rms_norm (public call)" in rows and "F.rms_norm" in rows
+
+
+def test_make_model_loads_in_transformers_and_minillama_with_equal_logits(tmp_path, smollm2_dir):
+    import torch
+    import transformers
+
+    import minillama
+
+    out = tmp_path / "m"
+    run = subprocess.run([sys.executable, str(TOOLS / "make_model.py"), "--shape", "llama-1b", "--layers", "1",
+                          "--dtype", "float32", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"]) == (
+        2048, 32, 8, 49152) and cfg["rope_scaling"]["rope_type"] == "llama3"
+    tok = minillama.load_tokenizer(out)
+    ids = tok("The lighthouse keeper", return_tensors="pt").input_ids
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ours = minillama.from_pretrained(out, prepack=False)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids).logits)
+    bad = subprocess.run([sys.executable, str(TOOLS / "make_model.py"), "--shape", "llama-1b", "--layers", "0",
+                          "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and not (tmp_path / "bad").exists()
+
+
+def test_gpu_check_runs_its_cpu_parts(tmp_path, smollm2_dir):
+    import os
+
+    run = subprocess.run(["bash", str(TOOLS / "gpu_check.sh"), str(tmp_path / "out")], capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    steps = {s["step"]: s["status"] for s in summary["steps"]}
+    assert steps["env"] == steps["make_model_small"] == steps["kernel_overhead"] == "ok", steps
+    if not summary["env"]["cuda"]:
+        assert steps["gpu_steps"] == "skipped (no CUDA)" and "CUDA is not available" in run.stdout
+    assert summary["overhead"]["results"]

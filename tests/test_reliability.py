@@ -213,6 +213,8 @@ def test_saved_directory_follows_the_umask_and_parent_is_fsynced(make_hf, tmp_pa
     finally:
         os.umask(old)
     assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755
+    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "ckpt").iterdir()} == {
+        "config.json": 0o644, "model.safetensors": 0o644, "generation_config.json": 0o644}
     assert tmp_path in synced
 
 
@@ -381,12 +383,15 @@ def test_ctrl_c_in_chat_cancels_the_answer_and_keeps_the_session(tiny_chat_dir):
     assert b"[cancelled]" in err and b"Traceback" not in err
 
 
-def test_sigint_while_starting_up_is_quiet(tiny_chat_dir):
+@pytest.mark.parametrize("delay", [0.2, 0.7, 1.5, 2.5])
+def test_sigint_while_starting_up_is_quiet(tiny_chat_dir, delay):
+    """Ctrl-C during imports and loading: never a traceback, never an abort (a KeyboardInterrupt
+    raised inside torch's C++ callbacks would SIGABRT the process; the CLI holds it until Python)."""
     proc = _minillama("generate", "--model", str(tiny_chat_dir), "-p", "hello", "-n", "4")
-    time.sleep(0.3)  # somewhere in imports or loading
+    time.sleep(delay)  # somewhere in imports, loading or generating
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode in (0, 130) and b"Traceback" not in err, err.decode()
+    assert proc.returncode in (0, 130) and b"Traceback" not in err and b"terminate" not in err, err.decode()
 
 
 def test_closed_stdout_is_not_a_traceback(tiny_chat_dir):
