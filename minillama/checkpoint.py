@@ -114,11 +114,11 @@ def check_header(file: Path) -> None:
         raw = f.read(length)
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        names = [k for k, _ in pairs]
-        dup = next((k for k in names if names.count(k) > 1), None)
-        if dup is not None:
+        header = dict(pairs)
+        if len(header) < len(pairs):
+            dup = next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))
             raise CheckpointError(f"{file}: tensor {dup!r} appears twice in the header")
-        return dict(pairs)
+        return header
 
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
@@ -217,10 +217,13 @@ def from_pretrained(
     cfg = load_config(path)
     if norm is not None:
         cfg.norm = norm
-    try:
-        dtype = parse_dtype(dtype) if dtype is not None else checkpoint_dtype(cfg)
-    except ConfigError as e:
-        raise ConfigError(f"{path / 'config.json'}: {e}" if dtype is None else str(e)) from None
+    if dtype is not None:
+        dtype = parse_dtype(dtype)
+    else:
+        try:
+            dtype = checkpoint_dtype(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{path / 'config.json'}: {e}") from None
     device = resolve_device(device)
     with torch.device("meta"):
         model = Transformer(cfg)

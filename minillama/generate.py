@@ -203,7 +203,7 @@ def decode_tokens(
     device = model.embed.weight.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     total = prompt_len + max_new_tokens
-    cache = model.layers[0].attn.kv_cache if len(model.layers) else None
+    cache = model.kv_cache
     # Grow the cache when needed, never shrink it: a compiled step is guarded on the cache tensors
     # themselves, so new buffers would cost a recompile. model.clear_cache() frees it.
     if cache is None or cache.max_seq_len < total or cache.k.shape[0] < bsz:
@@ -229,10 +229,11 @@ def decode_tokens(
 
     if stats is not None:
         stats.prompt_tokens, start = prompt_len, _clock(device)
-    # Padding slots are masked out; any valid id will do there, whatever the pad id is.
+    # Padding slots are masked out; any valid id will do there, whatever the pad id is. validate=False:
+    # generate_tokens checked the prompt's ids, and the cache was sized above.
     logits = model(input_ids.masked_fill(attention_mask == 0, 0), torch.arange(prompt_len, device=device),
                    position_ids=positions, padding_mask=padding_mask if has_padding else None,
-                   last_only=True)[:, -1].float()
+                   last_only=True, validate=False)[:, -1].float()
     for i in range(max_new_tokens):
         sampled = sample(process_logits(logits, sampling, seen), sampling, generator)
         token = sampled.masked_fill(done, pad_id)

@@ -8,9 +8,9 @@ compiling: `torch.ops.mkldnn._reorder_linear_weight` once at load, `_linear_poin
 The packed copy is inference-only. The module's `weight` stays the ordinary Parameter that
 training, LoRA, `state_dict()` and `save_pretrained` see (oneDNN's layout cannot be viewed as a
 dense matrix, so the copy costs memory: see `packed_bytes`). It is used only under no_grad /
-inference_mode (as generation runs), outside torch.compile (which packs on its own under freezing), and only while the weight is
-the tensor it was packed from, unchanged (same storage, same version counter, same dtype):
-otherwise the plain path runs. `Transformer.train()` drops the copies (training never uses them,
+inference_mode (as generation runs), outside torch.compile (which packs on its own under
+freezing), and only while the weight is the tensor it was packed from, unchanged (same storage,
+same version counter, same dtype): otherwise the plain path runs. `Transformer.train()` drops the copies (training never uses them,
 and they would go stale); `MINILLAMA_PREPACK=0` or `from_pretrained(..., prepack=False)` never
 make them.
 """

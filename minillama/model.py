@@ -27,6 +27,12 @@ ACT_FNS = {
 }
 
 
+def _out_of_range(values: torch.Tensor, end: int) -> int | None:
+    """The smallest or largest value when it falls outside [0, end), else None (one host read)."""
+    lo, hi = torch.stack(values.aminmax()).tolist()
+    return int(lo) if lo < 0 else int(hi) if hi >= end else None
+
+
 def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str = "input_ids") -> None:
     """GenerationError unless every id is in [0, vocab_size).
 
@@ -35,11 +41,8 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str = "input_ids")
     """
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise GenerationError(f"{what}: token ids must be integers, got {ids.dtype}")
-    if ids.numel() == 0:
-        return
-    lo, hi = (int(v) for v in torch.stack(ids.aminmax()).tolist())
-    if lo < 0 or hi >= vocab_size:
-        bad = lo if lo < 0 else hi
+    bad = _out_of_range(ids, vocab_size) if ids.numel() else None
+    if bad is not None:
         raise GenerationError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
@@ -170,13 +173,18 @@ class Transformer(nn.Module):
             layer.attn.kv_cache = None
 
     @property
+    def kv_cache(self) -> KVCache | None:
+        """The first layer's KV cache (every layer's has the same shape), None when none is set up."""
+        return self.layers[0].attn.kv_cache if len(self.layers) else None
+
+    @property
     def cache_len(self) -> int:
         """Slots in the KV cache (0 when none is set up)."""
-        cache = self.layers[0].attn.kv_cache if len(self.layers) else None
+        cache = self.kv_cache
         return cache.max_seq_len if cache is not None else 0
 
     def _check_slots(self, input_pos: torch.Tensor, bsz: int, seqlen: int) -> None:
-        cache = self.layers[0].attn.kv_cache if len(self.layers) else None
+        cache = self.kv_cache
         if cache is None:
             return  # forward() says so
         if input_pos.shape != (seqlen,):
@@ -184,9 +192,9 @@ class Transformer(nn.Module):
                                   f"{list(input_pos.shape)}")
         if bsz > cache.k.shape[0]:
             raise GenerationError(f"batch of {bsz} rows; the KV cache holds {cache.k.shape[0]} (setup_cache)")
-        lo, hi = (int(v) for v in torch.stack(input_pos.aminmax()).tolist())
-        if lo < 0 or hi >= cache.max_seq_len:
-            raise GenerationError(f"input_pos: slot {lo if lo < 0 else hi} is outside the KV cache "
+        bad = _out_of_range(input_pos, cache.max_seq_len)
+        if bad is not None:
+            raise GenerationError(f"input_pos: slot {bad} is outside the KV cache "
                                   f"[0, {cache.max_seq_len}) (setup_cache(max_seq_len=...))")
 
     def _mask(
