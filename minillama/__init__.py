@@ -27,19 +27,21 @@ _LAZY = {
     "from_pretrained": "checkpoint", "save_pretrained": "checkpoint", "ModelConfig": "config",
     "RopeConfig": "config", "SamplingConfig": "generate", "generate": "generate", "stream": "generate",
     "Transformer": "model", "NORMS": "norms", "register_norm": "norms", "load_tokenizer": "tokenizer",
+    "QuantConfig": "config", "quantize_model": "quant",
 }
 __all__ = [
-    "CheckpointError", "ConfigError", "GenerationError", "MinillamaError", "ModelConfig", "NORMS", "RopeConfig",
-    "SamplingConfig", "Transformer", "from_pretrained", "generate", "load_tokenizer", "register_norm",
-    "save_pretrained", "stream",
+    "CheckpointError", "ConfigError", "GenerationError", "MinillamaError", "ModelConfig", "NORMS", "QuantConfig",
+    "RopeConfig", "SamplingConfig", "Transformer", "from_pretrained", "generate", "load_tokenizer",
+    "quantize_model", "register_norm", "save_pretrained", "stream",
 ]
 
 if TYPE_CHECKING:
     from .checkpoint import from_pretrained, save_pretrained
-    from .config import ModelConfig, RopeConfig
+    from .config import ModelConfig, QuantConfig, RopeConfig
     from .generate import SamplingConfig, generate, stream
     from .model import Transformer
     from .norms import NORMS, register_norm
+    from .quant import quantize_model
     from .tokenizer import load_tokenizer
 
 

@@ -9,6 +9,7 @@ temporary directory that is renamed into place only when complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
@@ -26,6 +27,7 @@ from .errors import CheckpointError, ConfigError
 from .linear import prepack_enabled, prepack_model
 from .model import Transformer
 from .norms import Norm
+from .quant import QuantConfig, as_quant_config, pack_quantized, quantize_model, quantized_layers
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -69,7 +71,24 @@ def hf_layout(cfg: ModelConfig) -> dict[str, Target]:
             layout[f"{hf}.mlp.gate_proj.{p}"] = Target(f"{ours}.mlp.w_gate_up.{p}", 0, inter)
             layout[f"{hf}.mlp.up_proj.{p}"] = Target(f"{ours}.mlp.w_gate_up.{p}", inter, 2 * inter)
             layout[f"{hf}.mlp.down_proj.{p}"] = Target(f"{ours}.mlp.w_down.{p}")
+    if cfg.quantization is not None:
+        _add_quantized(layout, cfg)
     return layout
+
+
+def _add_quantized(layout: dict[str, Target], cfg: ModelConfig) -> None:
+    """A quantized checkpoint keeps HF's names: each quantized `X.weight` holds integers, beside
+    `X.scales` (and `X.zeros` for int4), sliced by rows as the weight is (minillama/quant.py)."""
+    q = cfg.quantization
+    if q.lm_head and cfg.tie_word_embeddings:  # a quantized lm_head is its own tensor
+        layout["lm_head.weight"] = Target("lm_head.weight")
+    quantized = {f"{name}.weight" for name in quantized_layers(cfg.num_hidden_layers, q)}
+    extra = ["scales", "zeros"] if q.mode == "int4" else ["scales"]
+    for key, target in list(layout.items()):
+        if target.name in quantized:
+            for suffix in extra:
+                layout[f"{key.removesuffix('weight')}{suffix}"] = Target(
+                    f"{target.name.removesuffix('weight')}{suffix}", target.start, target.stop)
 
 
 def _view(params: dict[str, torch.Tensor], target: Target) -> torch.Tensor:
@@ -137,14 +156,16 @@ def _list(items: list[str], limit: int = 12) -> str:
 def load_weights(model: Transformer, ckpt_dir: str | Path) -> None:
     """Copy a checkpoint's tensors into `model` (cast to its dtype and device), strictly.
 
-    Missing, unexpected and shape-mismatched tensors are all reported, by name, in one CheckpointError.
+    Missing, unexpected, shape-mismatched and integer-vs-float tensors are all reported, by name,
+    in one CheckpointError.
     """
     ckpt_dir = Path(ckpt_dir)
     layout = hf_layout(model.config)
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     seen: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
+    wrong_dtype: list[str] = []
     for file in weight_files(ckpt_dir):
         try:
             check_header(file)
@@ -164,7 +185,12 @@ def load_weights(model: Transformer, ckpt_dir: str | Path) -> None:
                 # One mapping per tensor: every page a mapping touches counts as resident until it is
                 # unmapped, so a single open over a whole file would hold a second copy of the model.
                 with safe_open(file, framework="pt", device="cpu") as f:
-                    dst.copy_(f.get_tensor(key))
+                    src = f.get_tensor(key)
+                if src.dtype != dst.dtype and not (src.is_floating_point() and dst.is_floating_point()):
+                    # Integers are quantized values: casting them from or to floats would be nonsense.
+                    wrong_dtype.append(f"{key} (checkpoint {src.dtype}, model {dst.dtype})")
+                    continue
+                dst.copy_(src)
         except SafetensorError as e:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
         except OSError as e:
@@ -177,6 +203,8 @@ def load_weights(model: Transformer, ckpt_dir: str | Path) -> None:
         problems.append(f"unexpected {len(unexpected)}: {_list(unexpected)}")
     if mismatched:
         problems.append(f"shape mismatch {len(mismatched)}: {_list(mismatched)}")
+    if wrong_dtype:
+        problems.append(f"dtype mismatch {len(wrong_dtype)}: {_list(wrong_dtype)}")
     if problems:
         raise CheckpointError(f"{ckpt_dir}: checkpoint does not match config.json; " + "; ".join(problems))
 
@@ -195,6 +223,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> Transformer:
+    """A model of `cfg` (quantized layers included) in `dtype` on `device`, its tensors allocated
+    but not initialised: ready to load weights into."""
+    quantization = cfg.quantization
+    with torch.device("meta"):
+        model = Transformer(dataclasses.replace(cfg, quantization=None))
+        if quantization is not None:
+            quantize_model(model, quantization, empty=True)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.tie_weights()
+    return model
+
+
 def from_pretrained(
     path: str | Path,
     *,
@@ -202,13 +243,15 @@ def from_pretrained(
     device: str | torch.device | None = None,
     norm: str | None = None,
     prepack: bool | None = None,
+    quantize: str | QuantConfig | None = None,
 ) -> Transformer:
     """Load a local HF Llama/Mistral checkpoint directory into a minillama Transformer.
 
     dtype: defaults to the dtype config.json records (float32 if none). norm: a registered norm
     name that replaces the checkpoint's RMSNorm. prepack (CPU): also keep each projection's weight
     in oneDNN's packed layout for fast inference (minillama/linear.py); None follows
-    MINILLAMA_PREPACK (default on).
+    MINILLAMA_PREPACK (default on). quantize: "int8", "int4" or a QuantConfig: quantize the
+    projections after loading (minillama/quant.py). A checkpoint saved quantized loads quantized.
     """
     path = Path(path)
     recover_directory(path)
@@ -224,11 +267,13 @@ def from_pretrained(
             dtype = checkpoint_dtype(cfg)
         except ConfigError as e:
             raise ConfigError(f"{path / 'config.json'}: {e}") from None
+    if quantize is not None:
+        quantize = as_quant_config(quantize)
+        if cfg.quantization is not None:
+            raise ConfigError(f"{path}: already quantized ({cfg.quantization.name}); quantize its original "
+                              "checkpoint instead")
     device = resolve_device(device)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    model.tie_weights()
+    model = empty_model(cfg, dtype, device)
     load_weights(model, path)
     swapped = [m for m in model.modules() if isinstance(m, Norm) and not m.hf_compatible]
     for norm_module in swapped:
@@ -237,6 +282,10 @@ def from_pretrained(
         extra = sum(p.numel() for m in swapped for n, p in m.named_parameters() if n != "weight")
         warnings.warn(f"{path}: RMSNorm gains loaded into {cfg.norm!r} as its weight (gamma)"
                       + (f"; its other {extra:,} parameters (beta) start at 0" if extra else ""), stacklevel=2)
+    if quantize is not None:
+        quantize_model(model, quantize)
+    if model.config.quantization is not None:
+        pack_quantized(model)
     if device.type == "cpu" and prepack_enabled(prepack):
         prepack_model(model)
     generation = path / "generation_config.json"
@@ -274,7 +323,9 @@ def save_pretrained(
 ) -> Path:
     """Write `model` as an HF checkpoint directory that transformers loads unchanged.
 
-    Tensors past `max_shard_size` go to numbered shards with a `model.safetensors.index.json`.
+    A quantized model is written in minillama's quantized format instead (integer weights under
+    HF's names, config.json's `quantization_config`), which only minillama loads: transformers
+    refuses it by that field. Tensors past `max_shard_size` go to numbered shards with a `model.safetensors.index.json`.
     The directory appears (or is replaced) atomically. Returns its path.
     """
     limit = _parse_size(max_shard_size)
@@ -283,7 +334,7 @@ def save_pretrained(
         raise CheckpointError(f"{path}: norm {cfg.norm!r} has no Llama/Mistral equivalent in transformers; "
                               "only RMSNorm models save to the Hugging Face format")
     layout = hf_layout(cfg)
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     shards: list[list[str]] = [[]]
     size = 0
     for key, target in layout.items():
@@ -298,7 +349,7 @@ def save_pretrained(
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]
     dtype = model.embed.weight.dtype
-    hf_config = to_hf_config(cfg)
+    hf_config = to_hf_config(cfg)  # with quantization_config when quantized
     hf_config.pop("torch_dtype", None)
     hf_config["dtype"] = _dtype_name(dtype)
 

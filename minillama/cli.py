@@ -53,7 +53,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
         start = time.perf_counter()
         model_dir = Path(args.model) if args.model else default_model_dir()
-        model = from_pretrained(model_dir, dtype=args.dtype, device=args.device, norm=args.norm)
+        model = from_pretrained(model_dir, dtype=args.dtype, device=args.device, norm=args.norm,
+                                quantize=args.quantize)
         tokenizer = load_tokenizer(model_dir)
         args.load_s = time.perf_counter() - start
     return model, tokenizer
@@ -232,16 +233,38 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Save a checkpoint with int8/int4 projections that loads back quantized (minillama only:
+    transformers cannot load it)."""
+    with deferred_sigint():
+        from .checkpoint import from_pretrained, save_pretrained
+        from .errors import CheckpointError
+        from .quant import weight_bytes
+        from .tokenizer import load_tokenizer
+
+        model = from_pretrained(args.model, dtype=args.dtype, quantize=args.mode, prepack=False)
+        try:
+            tokenizer = load_tokenizer(args.model)
+        except CheckpointError:
+            tokenizer = None  # a checkpoint without one: weights and config only
+    save_pretrained(model, args.out, tokenizer=tokenizer)
+    print(f"wrote {args.out} ({model.config.quantization.name}, {weight_bytes(model) / 1e6:.0f} MB)")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Print a checkpoint's architecture and parameter count."""
+    from .quant import QuantLinear
+
     model, _ = _load(args)
     cfg = model.config
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
     print(f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads} (q/kv), head_dim {cfg.head_dim}, "
           f"vocab {cfg.vocab_size}, context {cfg.max_position_embeddings}, rope {cfg.rope.rope_type} "
           f"(theta {cfg.rope.theta:g}), sliding window {cfg.sliding_window}, tied {cfg.tie_word_embeddings}, "
-          f"norm {cfg.norm}")
+          f"norm {cfg.norm}, quantization {cfg.quantization.name if cfg.quantization else 'none'}")
     print(f"{n_params:,} parameters, {model.embed.weight.dtype}, {model.embed.weight.device}")
     return 0
 
@@ -255,6 +278,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--norm", default=None, help=f"replace the checkpoint's RMSNorm: {', '.join(sorted(NORMS))} "
                    "(options in the name, e.g. prmsnorm:p=0.125)")
+    p.add_argument("--quantize", default=None, metavar="MODE", help=QUANTIZE_HELP)
+
+
+QUANTIZE_HELP = ("weight-only quantization of the projections: int8 (per channel) or int4 (groups of 64 "
+                 "input columns); int4-g32/-g128/-g256 set the group; +lm_head also quantizes the output "
+                 "projection, e.g. int4-g32+lm_head")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -314,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any recipe key, e.g. --set optim.lr=1e-4 --set lora.enabled=true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
+    p = sub.add_parser("quantize", help=cmd_quantize.__doc__, description=cmd_quantize.__doc__)
+    p.add_argument("model", help="local HF checkpoint directory (unquantized)")
+    p.add_argument("out", help="output directory (written atomically)")
+    p.add_argument("--mode", required=True, metavar="MODE", help=QUANTIZE_HELP)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the scales and of everything left unquantized (default: the checkpoint's)")
+    p.set_defaults(func=cmd_quantize)
     p = sub.add_parser("convert-gguf", help=cmd_convert_gguf.__doc__)
     p.add_argument("file", help="a .gguf file")
     p.add_argument("outdir", help="output directory (written atomically)")

@@ -20,6 +20,14 @@ from .errors import ConfigError
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+QUANT_MODES = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+# A quantized checkpoint's config.json: `quantization_config.quant_method` names our format, and the
+# top-level model_type is one transformers does not know (it only warns about an unknown
+# quant_method, then would load the integers as float weights); the real one moves into
+# quantization_config. AutoConfig then refuses the directory, naming the model type.
+QUANT_METHOD = "minillama"
+QUANTIZED_MODEL_TYPE = "minillama_quantized"
 
 
 def _positive_int(value: Any) -> bool:
@@ -57,6 +65,69 @@ class RopeConfig:
 
 
 @dataclass
+class QuantConfig:
+    """Weight-only quantization of the attention and MLP projections (minillama/quant.py).
+
+    mode: int8 (symmetric, per output channel) or int4 (group-wise, scale and zero point per group).
+    group_size: int4 only: input columns per group, one of 32, 64, 128, 256 (default 64).
+    lm_head: also quantize the output projection (off by default: see docs/quantization.md).
+    """
+
+    mode: str
+    group_size: int | None = None
+    lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in QUANT_MODES:
+            raise ConfigError(f"unknown quantization mode {self.mode!r}; choose {' or '.join(QUANT_MODES)}")
+        if self.mode == "int8" and self.group_size is not None:
+            raise ConfigError("int8 is quantized per output channel; a group size applies to int4 only")
+        if self.mode == "int4":
+            self.group_size = 64 if self.group_size is None else self.group_size
+            if self.group_size not in INT4_GROUP_SIZES:
+                raise ConfigError(f"int4 group size {self.group_size!r}; choose one of "
+                                  f"{', '.join(map(str, INT4_GROUP_SIZES))}")
+        if not isinstance(self.lm_head, bool):
+            raise ConfigError(f"quantization lm_head must be true or false, got {self.lm_head!r}")
+
+    @classmethod
+    def parse(cls, spec: str) -> QuantConfig:
+        """From a name as `name` writes it: MODE[-gGROUP][+lm_head], e.g. int8, int4, int4-g32+lm_head."""
+        import re
+
+        m = re.fullmatch(r"(int8|int4)(?:-g(\d+))?(\+lm_head)?", spec.strip().lower())
+        if not m:
+            raise ConfigError(f"unknown quantization {spec!r}; expected int8, int4 or int4-gGROUP "
+                              "(GROUP 32, 64, 128 or 256), optionally followed by +lm_head")
+        return cls(m.group(1), int(m.group(2)) if m.group(2) else None, m.group(3) is not None)
+
+    @property
+    def name(self) -> str:
+        """int8, int4-g64, ... (+lm_head): what `parse` reads."""
+        return self.mode + (f"-g{self.group_size}" if self.group_size else "") + ("+lm_head" if self.lm_head else "")
+
+    def to_hf(self) -> dict[str, Any]:
+        """The `quantization_config` entry of config.json."""
+        return {"quant_method": QUANT_METHOD, "mode": self.mode, "group_size": self.group_size,
+                "lm_head": self.lm_head}
+
+    @classmethod
+    def from_hf(cls, entry: Any, source: str = "config.json") -> QuantConfig:
+        """Read config.json's `quantization_config`; another library's method is a ConfigError."""
+        method = entry.get("quant_method") if isinstance(entry, dict) else None
+        if method != QUANT_METHOD:
+            raise ConfigError(f"{source}: field 'quantization_config' (quant_method {method!r}) is not supported "
+                              f"by minillama; it loads unquantized checkpoints and its own ({QUANT_METHOD!r})")
+        unknown = sorted(set(entry) - {"quant_method", "mode", "group_size", "lm_head", "model_type"})
+        if unknown:
+            raise ConfigError(f"{source}: quantization_config: unknown field(s) {', '.join(unknown)}")
+        try:
+            return cls(entry.get("mode"), entry.get("group_size"), entry.get("lm_head", False))
+        except ConfigError as e:
+            raise ConfigError(f"{source}: quantization_config: {e}") from None
+
+
+@dataclass
 class ModelConfig:
     """Everything needed to build a minillama Transformer. Field names follow HF's LlamaConfig."""
 
@@ -77,6 +148,7 @@ class ModelConfig:
     hidden_act: str = "silu"
     model_type: str = "llama"
     norm: str = "rmsnorm"  # a key of minillama.norms.NORMS
+    quantization: QuantConfig | None = None  # weight-only int8/int4 projections (minillama/quant.py)
     # HF fields we do not interpret (token ids, dtype, ...), written back on save.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -139,12 +211,12 @@ _READ = set(_INT_FIELDS) | {
     "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings", "attention_bias", "mlp_bias",
     "max_position_embeddings", "sliding_window", "rope_theta", "rope_scaling", "rope_parameters",
     "hidden_act", "model_type", "architectures", "use_sliding_window", "partial_rotary_factor", "layer_types",
+    "quantization_config",
 }
 # Fields whose non-default value would change the math in a way we do not implement.
 _UNSUPPORTED = {
     "partial_rotary_factor": (None, 1, 1.0),
     "layer_types": (None,),
-    "quantization_config": (None,),
 }
 
 
@@ -213,6 +285,9 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     """Translate a transformers Llama/Mistral config dict into a ModelConfig."""
     if not isinstance(hf, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {type(hf).__name__}")
+    if hf.get("model_type") == QUANTIZED_MODEL_TYPE:
+        entry = hf.get("quantization_config")
+        hf = {**hf, "model_type": entry.get("model_type") if isinstance(entry, dict) else None}
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ConfigError(
@@ -257,6 +332,8 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         rope=_rope_from_hf(hf, source),
         hidden_act=hf.get("hidden_act", "silu"),
         model_type=model_type,
+        quantization=(None if hf.get("quantization_config") is None
+                      else QuantConfig.from_hf(hf["quantization_config"], source)),
         extra={k: v for k, v in hf.items() if k not in _READ},
     )
     try:
@@ -287,6 +364,9 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         rope_theta=cfg.rope.theta,
         rope_scaling=None if cfg.rope.rope_type == "default" else cfg.rope.to_hf(),
     )
+    if cfg.quantization is not None:
+        out["quantization_config"] = {**cfg.quantization.to_hf(), "model_type": cfg.model_type}
+        out["model_type"] = QUANTIZED_MODEL_TYPE
     if cfg.model_type == "mistral":
         out["sliding_window"] = cfg.sliding_window
     else:

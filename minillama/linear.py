@@ -39,6 +39,11 @@ class Linear(nn.Linear):
                 return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
+    def __getstate__(self) -> dict:
+        # A copy (copy.deepcopy, pickling) leaves the packed copy behind: oneDNN's opaque tensor
+        # has no storage to copy. The copy runs the plain path until packed again.
+        return {**self.__dict__, "_packed": None, "_packed_of": None}
+
     def pack(self) -> bool:
         """Make (or refresh) the packed copy; False where this torch/CPU cannot (nothing changes then)."""
         weight = self.weight

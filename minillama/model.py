@@ -140,8 +140,9 @@ class Transformer(nn.Module):
         return super().train(mode)
 
     def tie_weights(self) -> None:
-        """Share the input embedding with the output projection when the config says so."""
-        if self.config.tie_word_embeddings:
+        """Share the input embedding with the output projection when the config says so (unless
+        lm_head is quantized: it then holds its own integer copy)."""
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.embed.weight
 
     @torch.no_grad()

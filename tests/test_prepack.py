@@ -9,7 +9,6 @@ import torch
 
 import minillama
 from minillama import generate
-from minillama import linear as linear_mod
 from minillama.linear import Linear, can_prepack, packed_bytes
 
 pytestmark = pytest.mark.skipif(not can_prepack(torch.float32), reason="oneDNN prepacking unavailable here")
@@ -141,3 +140,14 @@ def test_environment_opt_out(make_hf, monkeypatch):
 def test_linear_is_an_nn_linear():
     layer = Linear(8, 4)
     assert isinstance(layer, torch.nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
+
+
+def test_a_copy_of_a_prepacked_model_works(make_hf):
+    import copy
+
+    packed, plain = _pair(make_hf("llama", num_key_value_heads=2)[1])
+    clone = copy.deepcopy(packed)  # oneDNN's packed tensor cannot be copied: the clone runs plain
+    assert packed_bytes(clone) == 0 and packed_bytes(packed) > 0
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        torch.testing.assert_close(clone(ids), plain(ids), rtol=0, atol=0)

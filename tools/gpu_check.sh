@@ -56,6 +56,8 @@ if [ "$HAS_CUDA" = 1 ]; then
   step bench_norm 240 "$PY" tools/bench_norm.py --quick --model "$OUT/models/llama-1b" --out "$OUT/bench_norm"
   step bench_generate 300 "$PY" tools/bench_generate.py --model "$OUT/models/llama-1b" --dtypes bfloat16 \
       --json "$OUT/generate.json"
+  step bench_quant 300 "$PY" tools/bench_quant.py --model "$OUT/models/llama-1b" --modes none,int8,int4-g64 \
+      --windows 1 --seq 256 --repeats 2 --corpus README.md --out "$OUT/bench_quant"
   step bench_train 300 "$PY" tools/bench_train.py --model "$OUT/models/llama-1b" --precision bf16 --batch 4 \
       --seq 1024 --json "$OUT/train.json"
   step fsdp_finetune 240 "$PY" -m accelerate.commands.launch --config_file configs/accelerate/fsdp-gpu.yaml \
@@ -63,7 +65,7 @@ if [ "$HAS_CUDA" = 1 ]; then
       --out "$OUT/fsdp-tiny"
 else
   echo "CUDA is not available here: skipped kernel_tests, bench_kernels, make_model_1b, bench_norm," \
-       "bench_generate, bench_train, fsdp_finetune (they need a GPU)"
+       "bench_generate, bench_quant, bench_train, fsdp_finetune (they need a GPU)"
   printf 'gpu_steps\tskipped (no CUDA)\t0\n' >> "$OUT/steps.tsv"
 fi
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import QuantConfig
 from ..errors import ConfigError
 
 LORA_TARGETS = ["wqkv", "wo", "w_gate_up", "w_down"]
@@ -29,6 +30,9 @@ class ModelSection:
     tokenizer: str | None = None  # a checkpoint directory or "byte"; default: path
     dtype: str = "float32"  # the trained (master) weights; compute precision is mixed_precision
     norm: str | None = None  # a registered norm name replacing RMSNorm
+    # int8 / int4[-gGROUP]: a frozen quantized base under LoRA adapters (QLoRA-style; needs lora.enabled).
+    # The export dequantizes it and merges the adapters into an ordinary HF checkpoint.
+    quantize: str | None = None
 
 
 @dataclass
@@ -116,6 +120,8 @@ class FinetuneConfig:
             ("optim.min_lr_ratio", 0 <= self.optim.min_lr_ratio <= 1, "in [0, 1]"),
             ("optim.decay_steps", self.optim.decay_steps is None or self.optim.decay_steps >= 1, ">= 1 or null"),
             ("optim.grad_clip", self.optim.grad_clip is None or self.optim.grad_clip > 0, "> 0 or null"),
+            ("model.quantize", self.model.quantize is None or self.lora.enabled,
+             "null unless lora.enabled (quantized weights are frozen: only adapters can train)"),
             ("lora.r", self.lora.r >= 1, ">= 1"), ("lora.alpha", self.lora.alpha > 0, "> 0"),
             ("lora.dropout", 0 <= self.lora.dropout < 1, "in [0, 1)"),
             ("lora.targets", bool(self.lora.targets), "a non-empty list of module names"),
@@ -123,6 +129,11 @@ class FinetuneConfig:
         for key, ok, want in checks:
             if not ok:
                 raise ConfigError(f"{source}: {key} must be {want}, got {_get(self, key)!r}")
+        if self.model.quantize is not None:
+            try:
+                QuantConfig.parse(self.model.quantize)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: model.quantize: {e}") from None
         if (self.model.path is None) == (self.model.config is None):
             raise ConfigError(f"{source}: set exactly one of model.path (a checkpoint) and model.config "
                               "(a fresh random model)")

@@ -22,12 +22,13 @@ import torch
 from torch import nn
 
 from .. import dist
-from ..checkpoint import from_pretrained, save_pretrained
+from ..checkpoint import empty_model, from_pretrained, save_pretrained
 from ..config import ModelConfig, parse_dtype
 from ..errors import ConfigError
 from ..loss import shift_labels
 from ..model import Transformer
 from ..norms import Norm
+from ..quant import quantize_model
 from ..tokenizer import load_tokenizer
 from .checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import FinetuneConfig, ModelSection, to_dict
@@ -48,7 +49,7 @@ def build_model(spec: ModelSection, seed: int) -> tuple[Transformer, Any]:
     tokenizer_path = spec.tokenizer
     if spec.path is not None:
         path = default_model_dir() if spec.path == "default" else Path(spec.path)
-        model = from_pretrained(path, dtype=spec.dtype, device="cpu", norm=spec.norm)
+        model = from_pretrained(path, dtype=spec.dtype, device="cpu", norm=spec.norm, quantize=spec.quantize)
         tokenizer_path = tokenizer_path or path
     else:
         cfg = ModelConfig.from_hf({"model_type": "llama", **spec.config}, source="model.config")
@@ -56,6 +57,8 @@ def build_model(spec: ModelSection, seed: int) -> tuple[Transformer, Any]:
             cfg.norm = spec.norm
         torch.manual_seed(seed)
         model = Transformer(cfg).to(parse_dtype(spec.dtype))
+        if spec.quantize:
+            quantize_model(model, spec.quantize)
     if tokenizer_path == "default":
         tokenizer_path = default_model_dir()
     tokenizer = load_tokenizer(tokenizer_path)
@@ -148,10 +151,7 @@ def export_model(accelerator: Any, model: nn.Module, cfg: FinetuneConfig, model_
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return None
-    with torch.device("meta"):
-        fresh: nn.Module = Transformer(model_config)
-    fresh = fresh.to(dtype=parse_dtype(cfg.model.dtype)).to_empty(device="cpu")
-    fresh.tie_weights()
+    fresh: nn.Module = empty_model(model_config, parse_dtype(cfg.model.dtype), "cpu")
     if cfg.lora.enabled:
         fresh = apply_lora(fresh, cfg.lora)
     fresh.load_state_dict(state, strict=True)
@@ -215,6 +215,9 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]:
         with accelerator.main_process_first():  # the first use of the embedded model converts it, once
             model, tokenizer = build_model(cfg.model, cfg.seed)
         train_rows, val_rows = build_datasets(cfg.data, tokenizer, cfg.seed)
+    if model.config.quantization is not None and not cfg.lora.enabled:
+        raise ConfigError(f"model.path {cfg.model.path} is quantized ({model.config.quantization.name}): its "
+                          "weights are frozen; set lora.enabled: true to train adapters on it")
     if cfg.export and any(isinstance(m, Norm) and not m.hf_compatible for m in model.modules()):
         raise ConfigError(f"model.norm {model.config.norm!r} cannot be exported to the Hugging Face format; "
                           "set export: false")
