@@ -15,7 +15,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -152,12 +152,23 @@ def _list(items: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
+# select(HF name, its shape in the file) -> the index of the part to read (None: all of it).
+Selector = Callable[[str, tuple[int, ...]], "tuple[slice, ...] | None"]
+
+
+def _sliced_shape(shape: tuple[int, ...], index: tuple[slice, ...] | None) -> tuple[int, ...]:
+    if index is None:
+        return shape
+    return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape)) + shape[len(index):]
+
+
 @torch.no_grad()
-def load_weights(model: Transformer, ckpt_dir: str | Path) -> None:
+def load_weights(model: Transformer, ckpt_dir: str | Path, select: Selector | None = None) -> None:
     """Copy a checkpoint's tensors into `model` (cast to its dtype and device), strictly.
 
-    Missing, unexpected, shape-mismatched and integer-vs-float tensors are all reported, by name,
-    in one CheckpointError.
+    select: read only part of each tensor (tensor-parallel shards: minillama/parallel.py); the
+    part is read from the file alone, never the whole tensor. Missing, unexpected, shape-mismatched
+    and integer-vs-float tensors are all reported, by name, in one CheckpointError.
     """
     ckpt_dir = Path(ckpt_dir)
     layout = hf_layout(model.config)
@@ -179,13 +190,15 @@ def load_weights(model: Transformer, ckpt_dir: str | Path) -> None:
                     continue
                 seen.add(key)
                 dst = _view(params, target)
-                if shape != tuple(dst.shape):
-                    mismatched.append(f"{key} (checkpoint {list(shape)}, model {list(dst.shape)})")
+                index = select(key, shape) if select is not None else None
+                if _sliced_shape(shape, index) != tuple(dst.shape):
+                    part = f" (part {list(_sliced_shape(shape, index))})" if index is not None else ""
+                    mismatched.append(f"{key} (checkpoint {list(shape)}{part}, model {list(dst.shape)})")
                     continue
                 # One mapping per tensor: every page a mapping touches counts as resident until it is
                 # unmapped, so a single open over a whole file would hold a second copy of the model.
                 with safe_open(file, framework="pt", device="cpu") as f:
-                    src = f.get_tensor(key)
+                    src = f.get_tensor(key) if index is None else f.get_slice(key)[index]
                 if src.dtype != dst.dtype and not (src.is_floating_point() and dst.is_floating_point()):
                     # Integers are quantized values: casting them from or to floats would be nonsense.
                     wrong_dtype.append(f"{key} (checkpoint {src.dtype}, model {dst.dtype})")
@@ -244,6 +257,10 @@ def from_pretrained(
     norm: str | None = None,
     prepack: bool | None = None,
     quantize: str | QuantConfig | None = None,
+    tensor_parallel: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | Path | None = None,
+    max_memory: dict[Any, Any] | None = None,
 ) -> Transformer:
     """Load a local HF Llama/Mistral checkpoint directory into a minillama Transformer.
 
@@ -252,6 +269,11 @@ def from_pretrained(
     in oneDNN's packed layout for fast inference (minillama/linear.py); None follows
     MINILLAMA_PREPACK (default on). quantize: "int8", "int4" or a QuantConfig: quantize the
     projections after loading (minillama/quant.py). A checkpoint saved quantized loads quantized.
+    tensor_parallel: this process's shard of the model across torch.distributed's processes
+    (minillama/parallel.py); only that shard is read from disk.
+    device_map: "auto" or {module: device} over embed, layers.N, norm, lm_head (devices: cuda:N,
+    "cpu", "disk"): spread a model bigger than one device (minillama/offload.py); "disk" needs
+    offload_folder; "auto" fills devices up to max_memory (Accelerate's format). Overrides device.
     """
     path = Path(path)
     recover_directory(path)
@@ -272,9 +294,31 @@ def from_pretrained(
         if cfg.quantization is not None:
             raise ConfigError(f"{path}: already quantized ({cfg.quantization.name}); quantize its original "
                               "checkpoint instead")
+    if device_map is not None:
+        if tensor_parallel or quantize is not None or cfg.quantization is not None:
+            raise ConfigError("device_map does not combine with tensor_parallel or quantization")
+        device, prepack = "cpu", False  # loaded on the CPU, then dispatched; hooks swap weights in and out
     device = resolve_device(device)
+    select = None
+    if tensor_parallel:
+        from .parallel import make_row_parallel, rank_and_world, shard_config, shard_selector
+
+        rank, world = rank_and_world()
+        if quantize is not None:
+            raise ConfigError("tensor_parallel and quantize together are not supported")
+        shard = shard_config(cfg, world)
+        select = shard_selector(cfg, rank, world)
+        cfg = shard
     model = empty_model(cfg, dtype, device)
-    load_weights(model, path)
+    if tensor_parallel:
+        make_row_parallel(model)
+    if device_map is not None:  # checked before the (long) load
+        from .offload import resolve_device_map
+
+        device_map = resolve_device_map(model, device_map, max_memory, dtype)
+        if "disk" in device_map.values() and offload_folder is None:
+            raise ConfigError("device_map puts modules on 'disk': pass offload_folder=DIR")
+    load_weights(model, path, select)
     swapped = [m for m in model.modules() if isinstance(m, Norm) and not m.hf_compatible]
     for norm_module in swapped:
         norm_module.reset_unloaded()
@@ -288,6 +332,10 @@ def from_pretrained(
         pack_quantized(model)
     if device.type == "cpu" and prepack_enabled(prepack):
         prepack_model(model)
+    if device_map is not None:
+        from .offload import dispatch
+
+        model = dispatch(model, device_map, offload_folder)
     generation = path / "generation_config.json"
     if generation.is_file():
         try:
@@ -330,6 +378,11 @@ def save_pretrained(
     """
     limit = _parse_size(max_shard_size)
     cfg = model.config
+    from .parallel import is_tensor_parallel
+
+    if is_tensor_parallel(model):
+        raise CheckpointError(f"{path}: this model is one tensor-parallel shard; save the checkpoint it was "
+                              "loaded from instead")
     if any(isinstance(m, Norm) and not m.hf_compatible for m in model.modules()):
         raise CheckpointError(f"{path}: norm {cfg.norm!r} has no Llama/Mistral equivalent in transformers; "
                               "only RMSNorm models save to the Hugging Face format")

@@ -54,7 +54,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
         start = time.perf_counter()
         model_dir = Path(args.model) if args.model else default_model_dir()
         model = from_pretrained(model_dir, dtype=args.dtype, device=args.device, norm=args.norm,
-                                quantize=args.quantize)
+                                quantize=args.quantize, tensor_parallel=(getattr(args, "tp", None) or 1) > 1)
         tokenizer = load_tokenizer(model_dir)
         args.load_s = time.perf_counter() - start
     return model, tokenizer
@@ -94,13 +94,16 @@ def _stream_reply(model: Any, tokenizer: Any, ids: list[int], args: argparse.Nam
 
     stats = GenerationStats()
     pieces = []
+    quiet = getattr(args, "quiet", False)  # a tensor-parallel process other than the first
     try:
         for piece in stream(model, tokenizer, ids, args.max_new_tokens, stats=stats, **options):
             pieces.append(piece)
-            print(piece, end="", flush=True)
+            if not quiet:
+                print(piece, end="", flush=True)
     finally:  # Ctrl-C included: what was generated stays on screen, the prompt starts on a new line
-        print(flush=True)
-    if args.stats:
+        if not quiet:
+            print(flush=True)
+    if args.stats and not quiet:
         print(format_stats(stats, getattr(args, "load_s", None), args.compile), file=sys.stderr)
         args.load_s = None  # a chat loads once: later turns report no load time
     return "".join(pieces)
@@ -129,11 +132,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise GenerationError("empty prompt")
+    if args.tp is not None and args.tp > 1:
+        _join_tensor_parallel(args)
+    elif args.tp is not None and args.tp < 1:
+        raise GenerationError(f"--tp must be >= 1, got {args.tp}")
     model, tokenizer = _load(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": prompt})
     _stream_reply(model, tokenizer, encode_prompt(tokenizer, messages, args.chat), args, options)
     return 0
+
+
+def _join_tensor_parallel(args: argparse.Namespace) -> None:
+    """Join the launcher's processes (torchrun / accelerate launch) as one of --tp shards."""
+    from .dist import process_state
+
+    state = process_state()
+    if state.num_processes != args.tp:
+        raise GenerationError(f"--tp {args.tp} needs {args.tp} processes; this launch has {state.num_processes} "
+                              f"(e.g. torchrun --nproc_per_node {args.tp} -m minillama.cli generate --tp {args.tp} ...)")
+    if args.device is None:
+        args.device = str(state.device)
+    args.quiet = not state.is_main_process
 
 
 def fit_conversation(
@@ -319,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
             extra(p)
         if name == "generate":
             p.add_argument("--prompt", "-p", default=None, help="the prompt (default: read stdin)")
+            p.add_argument("--tp", type=int, default=None, metavar="N",
+                           help="tensor parallel over N processes started by torchrun or accelerate launch: "
+                                "each holds 1/N of every projection (docs/distributed.md)")
         p.set_defaults(func=func)
     p = sub.add_parser("generate-batch", help=cmd_generate_batch.__doc__, description=cmd_generate_batch.__doc__)
     _add_model_args(p)
@@ -365,6 +388,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     # Library warnings (e.g. a norm swap) as one line, without Python's source-line echo.
     warnings.formatwarning = lambda message, *_, **__: f"minillama: warning: {message}\n"
+    rc = _run(argv)
+    if "torch.distributed" in sys.modules:  # finetune / generate-batch / --tp under a launcher
+        from .dist import finish
+
+        finish(rc)
+    return rc
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         with deferred_sigint():  # build_parser imports torch
             parser = build_parser()
@@ -380,11 +412,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Point stdout at /dev/null so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    finally:
-        if "torch.distributed" in sys.modules:  # finetune / generate-batch under accelerate launch
-            from .dist import shutdown
-
-            shutdown()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ or processes started by `accelerate launch`/`torchrun` each think they are alone
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
@@ -33,11 +34,25 @@ def process_state() -> Any:
     return PartialState(cpu=use_cpu())
 
 
-def shutdown() -> None:
+def shutdown() -> bool:
     """Destroy the process group, if one was made, before the interpreter exits: left to interpreter
     shutdown, gloo's threads can abort a process that has finished its work (SIGABRT, "terminate
-    called without an active exception"), failing a run whose results are already written."""
+    called without an active exception"), failing a run whose results are already written.
+    True when there was a group of several processes."""
     import torch.distributed as td
 
-    if td.is_available() and td.is_initialized():
-        td.destroy_process_group()
+    if not (td.is_available() and td.is_initialized()):
+        return False
+    several = td.get_world_size() > 1
+    td.destroy_process_group()
+    return several
+
+
+def finish(rc: int) -> None:
+    """End a process of a multi-process launch with status `rc`: destroy the group, flush, and leave
+    without the interpreter's teardown, where gloo's threads can still abort a process whose work
+    is written and closed. Returns (does nothing more) outside such a launch."""
+    if shutdown():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)

@@ -200,7 +200,7 @@ def decode_tokens(
     stats, when given, is filled with the time of each phase (model time only, not the caller's).
     """
     bsz, prompt_len = input_ids.shape
-    device = model.embed.weight.device
+    device = model.input_device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     total = prompt_len + max_new_tokens
     cache = model.kv_cache

@@ -32,12 +32,16 @@ class Linear(nn.Linear):
     _packed_of: tuple[int, int, torch.dtype] | None = None  # the weight it was packed from
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ weight.T + bias, from the packed copy when it may be used."""
         # Checked cheapest first: this runs ~120 times per decoded token.
         if self._packed is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             weight = self.weight
             if self._packed_of == (weight.data_ptr(), weight._version, x.dtype):
-                return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+                return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
+        return F.linear(x, self.weight, bias)
 
     def __getstate__(self) -> dict:
         # A copy (copy.deepcopy, pickling) leaves the packed copy behind: oneDNN's opaque tensor

@@ -159,14 +159,24 @@ class Transformer(nn.Module):
         self, max_batch_size: int, max_seq_len: int,
         dtype: torch.dtype | None = None, device: torch.device | str | None = None,
     ) -> None:
-        """Preallocate every layer's KV cache for up to `max_batch_size` x `max_seq_len` tokens."""
+        """Preallocate every layer's KV cache for up to `max_batch_size` x `max_seq_len` tokens
+        (on the device that layer runs on, when the model is spread over several: minillama/offload.py)."""
+        from .offload import execution_device
+
         dtype = dtype or self.embed.weight.dtype
-        device = device or self.embed.weight.device
         cfg = self.config
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(
-                max_batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim, dtype, device
+                max_batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim, dtype,
+                device or execution_device(layer) or self.input_device,
             )
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where input ids belong: the embedding's device (the device it runs on, when dispatched)."""
+        from .offload import execution_device
+
+        return execution_device(self.embed) or self.embed.weight.device
 
     def clear_cache(self) -> None:
         """Free the KV caches."""

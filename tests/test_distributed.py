@@ -32,6 +32,26 @@ def launch(script: str, *args: str, processes: int = 2) -> None:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
 
 
+def launch_machines(script: str, *args: str, machines: int = 2) -> list[str]:
+    """`machines` simulated machines on this host: one `accelerate launch` each with the multi-node
+    config (its --machine_rank, rank 0's address and port), one CPU process per machine. Returns
+    each machine's output."""
+    port = free_port()
+    cmds = [[str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate/multinode-ddp.yaml"),
+             "--num_machines", str(machines), "--num_processes", str(machines), "--mixed_precision", "no",
+             "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+             str(ROOT / script), *args] for rank in range(machines)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in cmds]
+    try:
+        outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, output in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, output[-5000:]
+    return outputs
+
+
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -64,17 +84,93 @@ def test_ddp_two_processes_train_in_sync(ddp_run: Path, tmp_path: Path) -> None:
                                rtol=1e-5, atol=0)
 
 
-def test_ddp_resume_after_stop(tmp_path: Path) -> None:
-    args = ["--config", str(ROOT / "configs/finetune/tiny.yaml"), "--out", str(tmp_path / "run"), "--max-steps", "8",
+def resume_recipe(tmp_path: Path) -> list[str]:
+    """The tiny recipe for 8 steps, saved every 4, into tmp_path/run."""
+    return ["--config", str(ROOT / "configs/finetune/tiny.yaml"), "--out", str(tmp_path / "run"), "--max-steps", "8",
             "--save-every", "4", "--no-progress", "--set", "batch_size=4", "--set", "export=false", *SMALL]
-    launch("tools/finetune.py", *args, "--stop-after", "5")
-    launch("tools/finetune.py", *args, "--resume")
+
+
+def assert_equals_straight_run(tmp_path: Path, args: list[str]) -> None:
+    """tmp_path/run (stopped and resumed) has the losses and weights of `args` run straight through
+    by 2 processes on one machine."""
     straight = tmp_path / "straight"
     launch("tools/finetune.py", *[a if a != str(tmp_path / "run") else str(straight) for a in args])
     assert [r["loss"] for r in metrics(tmp_path / "run")] == [r["loss"] for r in metrics(straight)]
     a = json.loads((tmp_path / "run/summary.json").read_text())["weights_sha256_per_process"]
     b = json.loads((straight / "summary.json").read_text())["weights_sha256_per_process"]
     assert a == b and len(set(a)) == 1
+
+
+def test_ddp_resume_after_stop(tmp_path: Path) -> None:
+    args = resume_recipe(tmp_path)
+    launch("tools/finetune.py", *args, "--stop-after", "5")
+    launch("tools/finetune.py", *args, "--resume")
+    assert_equals_straight_run(tmp_path, args)
+
+
+def test_two_machines_train_and_resume_like_one_machine(tmp_path: Path) -> None:
+    """Two `accelerate launch`es with --num_machines 2 (machine ranks 0 and 1, rank 0's address)
+    are one 2-process run: the same losses and weights as 2 processes on one machine, a stop and
+    resume included. Only the main process writes the checkpoint; each rank reads its own RNG file."""
+    args = resume_recipe(tmp_path)
+    first = launch_machines("tools/finetune.py", *args, "--stop-after", "5")
+    assert "2 process(es)" in first[0] and "minillama finetune" not in first[1]  # rank 1 stays quiet
+    step5 = tmp_path / "run/checkpoints/step-000005"
+    assert sorted(p.name for p in step5.iterdir()) == sorted([
+        "model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json",
+        "rng-rank0.safetensors", "rng-rank0.json", "rng-rank1.safetensors", "rng-rank1.json"])
+    assert not list((tmp_path / "run/checkpoints").glob(".*"))  # no temporary directories left
+    resumed = launch_machines("tools/finetune.py", *args, "--resume")
+    assert "resumed from" in resumed[0] and "step 5" in resumed[0]
+    assert_equals_straight_run(tmp_path, args)
+
+
+def test_tensor_parallel_shards_equal_the_whole_model(make_hf, tmp_path: Path) -> None:
+    """2 processes, each holding half of every projection (and half the KV heads): the logits of
+    the whole model within fp32 tolerance, the same greedy tokens, eager and compiled."""
+    dirs = [make_hf("llama", num_key_value_heads=2, tie_word_embeddings=True)[1],
+            make_hf("mistral", num_key_value_heads=2, sliding_window=5)[1],
+            make_hf("llama", num_attention_heads=4, num_key_value_heads=4, attention_bias=True, mlp_bias=True)[1]]
+    out = tmp_path / "tp"
+    launch("tests/tp_worker.py", str(out), *map(str, dirs))
+    ranks = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(2)]
+    for per_rank in zip(*ranks, strict=True):
+        for r in per_rank:
+            assert r["max_logit_diff"] < 1e-4, r
+            assert r["same_tokens"] and r["same_tokens_compiled"], r
+            assert r["shard_bytes"] * 2 == r["full_bytes"]  # every projection matrix split in half
+            assert r["local_heads"][0] * 2 == 4 and r["kv_cache_heads"] == r["local_heads"][1]
+        assert per_rank[0]["tokens"] == per_rank[1]["tokens"]  # every process generates the same
+
+
+def test_cli_generate_tensor_parallel_prints_what_one_process_prints(tiny_chat_dir: Path) -> None:
+    common = ["generate", "--model", str(tiny_chat_dir), "--prompt", "Hello", "-n", "12"]
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate/ddp-cpu.yaml"),
+           "--main_process_port", str(free_port()), "-m", "minillama.cli", *common, "--tp", "2"]
+    tp = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert tp.returncode == 0, tp.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "minillama.cli", *common], capture_output=True, text=True, timeout=300)
+    assert tp.stdout == one.stdout and one.stdout.strip()  # printed once, by the first process
+    wrong = subprocess.run([sys.executable, "-m", "minillama.cli", *common, "--tp", "2"], capture_output=True,
+                           text=True, timeout=300)
+    assert wrong.returncode == 2 and "--tp 2 needs 2 processes; this launch has 1" in wrong.stderr
+
+
+def test_tensor_parallel_needs_divisible_heads_and_a_process_group(make_hf) -> None:
+    from minillama import from_pretrained
+    from minillama.config import ModelConfig
+    from minillama.errors import ConfigError
+    from minillama.parallel import shard_config
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=1)
+    with pytest.raises(ConfigError, match="num_key_value_heads \\(1\\) divisible by 2"):
+        shard_config(cfg, 2)
+    with pytest.raises(ConfigError, match="intermediate_size \\(96\\) divisible by 5"):
+        shard_config(ModelConfig(vocab_size=64, hidden_size=80, intermediate_size=96, num_hidden_layers=1,
+                                 num_attention_heads=5, num_key_value_heads=5), 5)
+    with pytest.raises(ConfigError, match="torchrun or accelerate launch"):
+        from_pretrained(make_hf("llama")[1], tensor_parallel=True)
 
 
 def test_batch_generation_across_processes_equals_one_process(ddp_run: Path, tmp_path: Path) -> None:
