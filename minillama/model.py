@@ -6,6 +6,8 @@ checkpoint.py slices HF's separate tensors into them). Norms come from the regis
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,7 +62,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        mask: torch.Tensor | None, input_pos: torch.Tensor | None, kv_len: int,
+        mask: torch.Tensor | None, input_pos: torch.Tensor | None, kv_len: int, causal: bool,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         qkv = self.wqkv(x)
@@ -71,10 +73,9 @@ class Attention(nn.Module):
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
             k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-        # mask None: causal. One query sees every key it is given (SDPA's is_causal would align it
-        # to the first key); several start from key 0, where both alignments agree.
+        # causal (given, with no mask): SDPA's causal mask, aligned to the first key.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and seqlen > 1, enable_gqa=self.n_kv != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads
         )
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -105,12 +106,12 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-        mask: torch.Tensor | None, input_pos: torch.Tensor | None, kv_len: int,
+        mask: torch.Tensor | None, input_pos: torch.Tensor | None, kv_len: int, causal: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mlp output, residual stream): the add of each sublayer's output happens in the next norm,
         so a fused norm does "add, then normalise" in one kernel."""
         y, h = self.attn_norm.add_norm(x, residual)
-        y, h = self.mlp_norm.add_norm(self.attn(y, cos, sin, mask, input_pos, kv_len), h)
+        y, h = self.mlp_norm.add_norm(self.attn(y, cos, sin, mask, input_pos, kv_len, causal), h)
         return self.mlp(y), h
 
 
@@ -138,6 +139,17 @@ class Transformer(nn.Module):
         if mode:
             unpack_model(self)
         return super().train(mode)
+
+    def compile_blocks(self, **options: Any) -> None:
+        """Regional compilation (for training): torch.compile each decoder block on its own.
+
+        Every block runs the same code on its own parameters, so one compiled graph (per grad
+        mode and first-block/other-block signature) serves all of them: compiling takes seconds
+        where the whole model would take minutes, and the math is unchanged (tested against the
+        eager run). The fused norms' backward runs through their registered ops.
+        """
+        for block in self.layers:
+            block.compile(**{"fullgraph": True, **options})
 
     def tie_weights(self) -> None:
         """Share the input embedding with the output projection when the config says so (unless
@@ -269,20 +281,25 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = q_pos[None]
         # No mask when causal attention says it all: a prompt from slot 0, or one token reading
-        # every slot up to its own (mask None means causal, aligned to the last key; see Attention).
+        # every slot up to its own.
         window = self.config.sliding_window
-        causal = (padding_mask is None and (window is None or kv_len <= window)
-                  and (kv_len == seqlen or (seqlen == 1 and not static)))
-        mask = None if causal else self._mask(q_pos, kv_len, padding_mask)
+        unmasked = (padding_mask is None and (window is None or kv_len <= window)
+                    and (kv_len == seqlen or (seqlen == 1 and not static)))
+        mask = None if unmasked else self._mask(q_pos, kv_len, padding_mask)
+        # Unmasked, one query sees every key it is given (SDPA's is_causal would align it to the
+        # first key); several start from key 0, where both alignments agree. Decided here, where the
+        # length is a number: inside a compiled block it may be symbolic, and SDPA needs a bool.
+        causal = unmasked and seqlen > 1
 
         x = self.embed(input_ids)
         cos, sin = (t.unsqueeze(2) for t in self.rope(position_ids, x.dtype))  # [batch, seq, 1 (heads), dim]
         residual = None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, residual = checkpoint(layer, x, residual, cos, sin, mask, input_pos, kv_len, use_reentrant=False)
+                x, residual = checkpoint(layer, x, residual, cos, sin, mask, input_pos, kv_len, causal,
+                                          use_reentrant=False)
             else:
-                x, residual = layer(x, residual, cos, sin, mask, input_pos, kv_len)
+                x, residual = layer(x, residual, cos, sin, mask, input_pos, kv_len, causal)
         if last_only:
             x, residual = x[:, -1:], (residual[:, -1:] if residual is not None else None)
         x = self.norm.add_norm(x, residual)[0]

@@ -242,3 +242,17 @@ def test_killed_run_resumes_exactly(tmp_path: Path, small_data: Path) -> None:
     subprocess.run([*args, "--out", str(tmp_path / "straight")], check=True, capture_output=True)
     assert losses(out) == losses(tmp_path / "straight")
     assert [s for s, _ in losses(out)] == list(range(1, 151))
+
+
+def test_compiled_blocks_train_like_eager_and_resume_exactly(tmp_path: Path, small_data: Path) -> None:
+    """compile: true (regional compilation, one compiled graph for every block): the losses of the
+    eager run, and a stop + resume gives the uninterrupted compiled run exactly."""
+    finetune(tiny(tmp_path, small_data, "eager", max_steps=6), progress=False)
+    finetune(tiny(tmp_path, small_data, "compiled", max_steps=6, compile=True), progress=False)
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    torch.testing.assert_close(torch.tensor([loss for _, loss in compiled]), torch.tensor([loss for _, loss in eager]),
+                               rtol=1e-5, atol=0)
+    finetune(tiny(tmp_path, small_data, "resumed", max_steps=6, compile=True, stop_after=3), progress=False)
+    finetune(tiny(tmp_path, small_data, "resumed", max_steps=6, compile=True, resume="auto"), progress=False)
+    assert losses(tmp_path / "resumed") == compiled
+

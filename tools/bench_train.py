@@ -16,6 +16,7 @@ peak RSS while training (weights touched first: transformers maps the checkpoint
 
     python tools/bench_train.py                            # embedded SmolLM2, fp32, batch 4 x 256
     python tools/bench_train.py --precision bf16 --batch 8 --seq 512 --device cuda --json out.json
+    python tools/bench_train.py --compile                  # + minillama with every block compiled
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def load(impl: str, args: argparse.Namespace, accelerator: Any) -> tuple[Any, An
     else:
         model = minillama.from_pretrained(args.model_dir, dtype="float32", norm=args.norm)
         model.gradient_checkpointing = args.gradient_checkpointing
+        if impl == "minillama-compiled":
+            model.compile_blocks()  # regional compilation; compiled during the warm-up steps
         loss_fn = token_loss  # the projection fused with the loss, in chunks
     with torch.no_grad():
         for p in model.parameters():
@@ -133,6 +136,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="accelerate mixed precision")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also time minillama with each block compiled "
+                   "(minillama-compiled: the fine-tune recipe's `compile: true`)")
     p.add_argument("--norm", default=None, help="minillama's norm (a registry name; default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
@@ -149,7 +154,7 @@ def main() -> None:
         print(json.dumps(memory_worker(args)))
         return
 
-    impls = args.impls.split(",")
+    impls = args.impls.split(",") + (["minillama-compiled"] if args.compile else [])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
     peak_flops = matmul_flops(device, compute_dtype)

@@ -58,7 +58,7 @@ if [ "$HAS_CUDA" = 1 ]; then
       --json "$OUT/generate.json"
   step bench_quant 300 "$PY" tools/bench_quant.py --model "$OUT/models/llama-1b" --modes none,int8,int4-g64 \
       --windows 1 --seq 256 --repeats 2 --corpus README.md --out "$OUT/bench_quant"
-  step bench_train 300 "$PY" tools/bench_train.py --model "$OUT/models/llama-1b" --precision bf16 --batch 4 \
+  step bench_train 300 "$PY" tools/bench_train.py --model "$OUT/models/llama-1b" --precision bf16 --batch 4 --compile \
       --seq 1024 --json "$OUT/train.json"
   step fsdp_finetune 240 "$PY" -m accelerate.commands.launch --config_file configs/accelerate/fsdp-gpu.yaml \
       --num_processes 1 tools/finetune.py --config configs/finetune/tiny.yaml --max-steps 20 --no-progress \

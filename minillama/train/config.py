@@ -90,6 +90,7 @@ class FinetuneConfig:
     stop_after: int | None = None  # stop (checkpointed) after this step, e.g. for time-sliced jobs
     mixed_precision: str | None = None  # no | bf16 | fp16; null: the accelerate config's (else no)
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder block (regional compilation: Transformer.compile_blocks)
     log_every: int = 1
     eval_every: int = 50  # also evaluated after the last step; 0: only then
     eval_max_batches: int | None = None  # cap on validation batches per evaluation

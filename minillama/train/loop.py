@@ -229,8 +229,11 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]:
                       f"x {cfg.batch_size} rows x {cfg.grad_accum} accumulation = {rows_per_step} rows per step")
 
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    base = model
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
+    if cfg.compile:
+        base.compile_blocks()  # after LoRA: the adapters are part of each block's graph
     optimizer = make_optimizer(model, cfg)
     decay_steps = cfg.optim.decay_steps or cfg.max_steps
     if cfg.max_steps > decay_steps:
