@@ -315,9 +315,7 @@ def from_pretrained(
     if device_map is not None:  # checked before the (long) load
         from .offload import resolve_device_map
 
-        device_map = resolve_device_map(model, device_map, max_memory, dtype)
-        if "disk" in device_map.values() and offload_folder is None:
-            raise ConfigError("device_map puts modules on 'disk': pass offload_folder=DIR")
+        device_map = resolve_device_map(model, device_map, max_memory, dtype, offload_folder)
     load_weights(model, path, select)
     swapped = [m for m in model.modules() if isinstance(m, Norm) and not m.hf_compatible]
     for norm_module in swapped:
@@ -372,8 +370,9 @@ def save_pretrained(
     """Write `model` as an HF checkpoint directory that transformers loads unchanged.
 
     A quantized model is written in minillama's quantized format instead (integer weights under
-    HF's names, config.json's `quantization_config`), which only minillama loads: transformers
-    refuses it by that field. Tensors past `max_shard_size` go to numbered shards with a `model.safetensors.index.json`.
+    HF's names, config.json's `quantization_config`), which only minillama loads: its model_type
+    `minillama_quantized` makes transformers refuse it. Tensors past `max_shard_size` go to
+    numbered shards with a `model.safetensors.index.json`.
     The directory appears (or is replaced) atomically. Returns its path.
     """
     limit = _parse_size(max_shard_size)

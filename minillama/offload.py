@@ -31,8 +31,9 @@ def placeable(model: nn.Module) -> list[str]:
 
 
 def resolve_device_map(model: nn.Module, device_map: str | dict[str, Any], max_memory: dict | None = None,
-                       dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """A complete {module name: device} map: "auto" through Accelerate, or a given dict checked."""
+                       dtype: torch.dtype | None = None, offload_folder: str | Path | None = None) -> dict[str, Any]:
+    """A complete {module name: device} map: "auto" through Accelerate, or a given dict checked
+    (with an offload folder for whatever goes to "disk")."""
     if device_map == "auto":
         from accelerate import infer_auto_device_map
 
@@ -69,6 +70,8 @@ def resolve_device_map(model: nn.Module, device_map: str | dict[str, Any], max_m
     if model.config.tie_word_embeddings and mapping["embed"] != mapping["lm_head"]:
         raise ConfigError(f"device_map: the embedding and lm_head share one matrix (tied embeddings) but are mapped "
                           f"to {mapping['embed']!r} and {mapping['lm_head']!r}; give them the same device")
+    if "disk" in mapping.values() and offload_folder is None:
+        raise ConfigError("device_map puts modules on 'disk': pass offload_folder=DIR")
     return mapping
 
 
@@ -78,9 +81,7 @@ def dispatch(model: nn.Module, device_map: dict[str, Any], offload_folder: str |
     from accelerate import dispatch_model
 
     folder = None
-    if "disk" in device_map.values():
-        if offload_folder is None:
-            raise ConfigError("device_map puts modules on 'disk': pass offload_folder=DIR")
+    if "disk" in device_map.values():  # resolve_device_map made sure there is a folder
         Path(offload_folder).mkdir(parents=True, exist_ok=True)
         # A fresh folder every time: Accelerate reuses any index.json it finds, which would serve
         # another model's (or an older version's) weights.

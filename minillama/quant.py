@@ -154,8 +154,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel
-        if kernel is not None and not torch.is_grad_enabled() and x.numel() < KERNEL_MAX_ROWS * self.in_features \
-                and (torch.compiler.is_compiling() or self._packed_of == (self.weight.data_ptr(), x.device)):
+        few_rows = x.numel() < KERNEL_MAX_ROWS * self.in_features
+        if kernel is not None and few_rows and not torch.is_grad_enabled() and (
+                torch.compiler.is_compiling() or self._packed_of == (self.weight.data_ptr(), x.device)):
             y = kernel(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features).to(x.dtype)
         else:
             y = self._dequant_forward(x)
@@ -308,7 +309,6 @@ def dequantize_model(model: nn.Module) -> nn.Module:
             plain.weight.copy_(layer.dequantize())
             if layer.bias is not None:
                 plain.bias.copy_(layer.bias)
-            plain.weight.requires_grad_(False)
             _replace(model, name, plain)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization"):
@@ -317,11 +317,6 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer the model saves (a tied matrix counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+    """Bytes of every tensor the model saves (a tied matrix counted once; KV caches never)."""
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
