@@ -91,6 +91,12 @@ def _add_quantized(layout: dict[str, Target], cfg: ModelConfig) -> None:
                     f"{target.name.removesuffix('weight')}{suffix}", target.start, target.stop)
 
 
+def _checkpoint_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name: what the layout's targets point at (quantized layers keep
+    their integers and scales as buffers)."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
 def _view(params: dict[str, torch.Tensor], target: Target) -> torch.Tensor:
     tensor = params[target.name]
     return tensor if target.start is None else tensor[target.start : target.stop]
@@ -172,7 +178,7 @@ def load_weights(model: Transformer, ckpt_dir: str | Path, select: Selector | No
     """
     ckpt_dir = Path(ckpt_dir)
     layout = hf_layout(model.config)
-    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    params = _checkpoint_tensors(model)
     seen: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
@@ -294,9 +300,12 @@ def from_pretrained(
         if cfg.quantization is not None:
             raise ConfigError(f"{path}: already quantized ({cfg.quantization.name}); quantize its original "
                               "checkpoint instead")
+    # Each spreads or reshapes the layers its own way; none is written for the others' layers.
+    chosen = [name for name, on in (("quantization", quantize is not None or cfg.quantization is not None),
+                                    ("tensor_parallel", tensor_parallel), ("device_map", device_map is not None)) if on]
+    if len(chosen) > 1:
+        raise ConfigError(f"{' and '.join(chosen)} do not combine: choose one")
     if device_map is not None:
-        if tensor_parallel or quantize is not None or cfg.quantization is not None:
-            raise ConfigError("device_map does not combine with tensor_parallel or quantization")
         device, prepack = "cpu", False  # loaded on the CPU, then dispatched; hooks swap weights in and out
     device = resolve_device(device)
     select = None
@@ -304,8 +313,6 @@ def from_pretrained(
         from .parallel import make_row_parallel, rank_and_world, shard_config, shard_selector
 
         rank, world = rank_and_world()
-        if quantize is not None:
-            raise ConfigError("tensor_parallel and quantize together are not supported")
         shard = shard_config(cfg, world)
         select = shard_selector(cfg, rank, world)
         cfg = shard
@@ -386,7 +393,7 @@ def save_pretrained(
         raise CheckpointError(f"{path}: norm {cfg.norm!r} has no Llama/Mistral equivalent in transformers; "
                               "only RMSNorm models save to the Hugging Face format")
     layout = hf_layout(cfg)
-    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    params = _checkpoint_tensors(model)
     shards: list[list[str]] = [[]]
     size = 0
     for key, target in layout.items():

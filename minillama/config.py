@@ -98,7 +98,7 @@ class QuantConfig:
         m = re.fullmatch(r"(int8|int4)(?:-g(\d+))?(\+lm_head)?", spec.strip().lower())
         if not m:
             raise ConfigError(f"unknown quantization {spec!r}; expected int8, int4 or int4-gGROUP "
-                              "(GROUP 32, 64, 128 or 256), optionally followed by +lm_head")
+                              f"(GROUP {', '.join(map(str, INT4_GROUP_SIZES))}), optionally followed by +lm_head")
         return cls(m.group(1), int(m.group(2)) if m.group(2) else None, m.group(3) is not None)
 
     @property

@@ -46,8 +46,6 @@ def shard_config(cfg: ModelConfig, world: int) -> ModelConfig:
         if value % world:
             raise ConfigError(f"tensor parallelism over {world} processes needs {name} ({value}) divisible by "
                               f"{world}; use a process count that divides it")
-    if cfg.quantization is not None:
-        raise ConfigError("tensor parallelism of a quantized checkpoint is not supported; shard the original")
     return dataclasses.replace(
         cfg, num_attention_heads=cfg.num_attention_heads // world, num_key_value_heads=cfg.num_key_value_heads // world,
         intermediate_size=cfg.intermediate_size // world, head_dim=cfg.head_dim)

@@ -63,5 +63,5 @@ def test_bad_device_maps_are_named(make_hf, tmp_path):
     untied = _dir(make_hf)
     with pytest.raises(ConfigError, match="pass offload_folder"):
         from_pretrained(untied, device_map=HALF_ON_DISK)
-    with pytest.raises(ConfigError, match="does not combine"):
+    with pytest.raises(ConfigError, match="quantization and device_map do not combine"):
         from_pretrained(untied, device_map=HALF_ON_DISK, offload_folder=tmp_path, quantize="int8")

@@ -40,6 +40,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from minillama.assets import default_model_dir
     from minillama.generate import generate
     from minillama.linear import packed_bytes
+    from minillama.quant import weight_bytes
 
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
@@ -71,7 +72,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             return generate(model, ids, n, eos_token_id=[], compile=compile_step)
     result["load_s"] = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
-    result["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    result["weight_bytes"] = weight_bytes(model)
 
     t0 = time.perf_counter()
     first = run(args.new_tokens)  # warm-up; for the compiled step this is where compilation happens
