@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from .atomic import atomic_directory, recover_directory
 from .config import ModelConfig, checkpoint_dtype, load_config, parse_dtype, to_hf_config
 from .errors import CheckpointError, ConfigError
+from .hub import resolve_model
 from .linear import prepack_enabled, prepack_model
 from .model import Transformer
 from .norms import Norm
@@ -268,7 +269,8 @@ def from_pretrained(
     offload_folder: str | Path | None = None,
     max_memory: dict[Any, Any] | None = None,
 ) -> Transformer:
-    """Load a local HF Llama/Mistral checkpoint directory into a minillama Transformer.
+    """Load an HF Llama/Mistral checkpoint into a minillama Transformer: a local directory, or a
+    Hugging Face id (`org/name`) found in or downloaded to the HF cache (minillama/hub.py).
 
     dtype: defaults to the dtype config.json records (float32 if none). norm: a registered norm
     name that replaces the checkpoint's RMSNorm. prepack (CPU): also keep each projection's weight
@@ -281,10 +283,10 @@ def from_pretrained(
     "cpu", "disk"): spread a model bigger than one device (minillama/offload.py); "disk" needs
     offload_folder; "auto" fills devices up to max_memory (Accelerate's format). Overrides device.
     """
-    path = Path(path)
+    path = resolve_model(path)
     recover_directory(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory (minillama loads local checkpoints only)")
+        raise CheckpointError(f"{path}: not a directory (a checkpoint directory or a Hugging Face model id)")
     cfg = load_config(path)
     if norm is not None:
         cfg.norm = norm

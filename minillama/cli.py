@@ -47,12 +47,12 @@ def deferred_sigint() -> Any:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     with deferred_sigint():
-        from .assets import default_model_dir
         from .checkpoint import from_pretrained
+        from .hub import model_path
         from .tokenizer import load_tokenizer
 
         start = time.perf_counter()
-        model_dir = Path(args.model) if args.model else default_model_dir()
+        model_dir = model_path(args.model)
         model = from_pretrained(model_dir, dtype=args.dtype, device=args.device, norm=args.norm,
                                 quantize=args.quantize, tensor_parallel=(getattr(args, "tp", None) or 1) > 1)
         tokenizer = load_tokenizer(model_dir)
@@ -239,6 +239,35 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models, /health), many clients at once through continuous batching (docs/serving.md)."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise MinillamaError("serving needs FastAPI and uvicorn: pip install 'minillama[serve]'") from None
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise GenerationError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch} and "
+                              f"{args.max_queue}")
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        raise GenerationError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+    model, tokenizer = _load(args)
+    from .assets import SMOLLM2_NAME
+    from .engine import Engine
+    from .serve import serve
+
+    name = args.served_model_name or (args.model.rstrip("/") if args.model else SMOLLM2_NAME)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
+                    max_seq_len=args.max_seq_len)
+    print(f"minillama: serving {name} on http://{args.host}:{args.port}/v1 ({args.max_batch} slots of "
+          f"{engine.cache_len} tokens; loaded in {args.load_s:.1f} s)", file=sys.stderr, flush=True)
+    aliases = (SMOLLM2_NAME, f"HuggingFaceTB/{SMOLLM2_NAME}") if not args.model else (Path(args.model).name,)
+    serve(engine, name, host=args.host, port=args.port, aliases=aliases, shutdown_timeout=args.shutdown_timeout,
+          log_level=args.log_level)
+    return 0
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune from a YAML recipe (configs/finetune/); run it through `accelerate launch` for several
     processes or GPUs."""
@@ -290,7 +319,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local HF checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="HF checkpoint directory or Hugging Face id, e.g. HuggingFaceTB/SmolLM2-135M "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: the checkpoint's")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
@@ -352,6 +382,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output JSONL (input records + completion, in input order)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward (per process)")
     p.set_defaults(func=cmd_generate_batch)
+    p = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache rows)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; more get HTTP 503")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="tokens per request, prompt included (default: the model's context)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients name (default: --model)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are cancelled")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("finetune", help=cmd_finetune.__doc__, description=cmd_finetune.__doc__)
     p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/finetune/tiny.yaml")
     p.add_argument("--out", default=None, help="run directory: metrics, checkpoints, final/ (export)")
@@ -367,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("quantize", help=cmd_quantize.__doc__, description=cmd_quantize.__doc__)
-    p.add_argument("model", help="local HF checkpoint directory (unquantized)")
+    p.add_argument("model", help="HF checkpoint directory or Hugging Face id (unquantized)")
     p.add_argument("out", help="output directory (written atomically)")
     p.add_argument("--mode", required=True, metavar="MODE", help=QUANTIZE_HELP)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,

@@ -271,21 +271,55 @@ def check_stop_strings(stops: Sequence[str] | str) -> list[str]:
     return stops
 
 
+class TextStream:
+    """One row's new text, piece by piece, ending at the first stop string.
+
+    As in OpenAI's API the stop string is not part of the text: text that could still be the start
+    of one is held back until a later token shows it is not (or `flush` ends the row).
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str] = ()) -> None:
+        self.stops = check_stop_strings(stops)
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.sent = 0  # characters of decoder.text handed out so far
+        self.stopped = False  # a stop string was found
+
+    def push(self, token_id: int) -> str:
+        """The text that token makes safe to show ("" while a character or a stop string is unfinished)."""
+        if self.stopped:
+            return ""
+        self.decoder.push(token_id)
+        text = self.decoder.text
+        # Held-back text is never shown, so a stop string cannot begin before `sent`.
+        found = [i for i in (text.find(s, self.sent) for s in self.stops) if i >= 0]
+        if found:
+            end, self.stopped = min(found), True
+        else:
+            end = len(text) - max((k for s in self.stops for k in range(len(s) - 1, 0, -1)
+                                   if text.endswith(s[:k])), default=0)
+        piece, self.sent = text[self.sent:end], max(self.sent, end)
+        return piece
+
+    def flush(self) -> str:
+        """The rest of the text, once the row has ended for another reason (EOS, length): an
+        unfinished character at the end is now final, and decodes as the tokenizer decodes it."""
+        if self.stopped:
+            return ""
+        text = self.decoder.tokenizer.decode(self.decoder.ids, skip_special_tokens=True)
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
+
+
 class StopStrings:
     """should_stop callback: a row stops once its new text contains any of `stops`."""
 
     def __init__(self, tokenizer: Any, stops: Sequence[str], batch: int) -> None:
-        self.stops = check_stop_strings(stops)
-        self.window = max(map(len, self.stops)) + 16
-        self.decoders = [IncrementalDecoder(tokenizer) for _ in range(batch)]
+        self.rows = [TextStream(tokenizer, stops) for _ in range(batch)]
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        hits = []
-        for decoder, token in zip(self.decoders, tokens.tolist()):
-            decoder.push(token)
-            tail = decoder.text[-self.window:]
-            hits.append(any(s in tail for s in self.stops))
-        return torch.tensor(hits, device=tokens.device)
+        for row, token in zip(self.rows, tokens.tolist()):
+            row.push(token)
+        return torch.tensor([row.stopped for row in self.rows], device=tokens.device)
 
 
 def generate_tokens(

@@ -27,10 +27,27 @@ class KVCache(nn.Module):
         return self.k.shape[2]
 
     def update(
-        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [batch, kv_heads, seq, head_dim] at slots `input_pos` [seq]; return the whole cache."""
+        """Write k, v [batch, kv_heads, seq, head_dim] at slots `input_pos`; return the first `kv_len`
+        slots of keys and values [batch, kv_heads, kv_len, head_dim].
+
+        input_pos is [seq] (every row writes the same slots) or [batch, seq] (each row its own, as
+        continuous batching needs: rows hold requests of different lengths). rows [batch]: which
+        cache rows the batch uses (default: the first `batch`), so one request can be prefilled
+        into a free row while the others keep theirs.
+        """
         batch = k.shape[0]
-        self.k[:batch].index_copy_(2, input_pos, k)
-        self.v[:batch].index_copy_(2, input_pos, v)
-        return self.k[:batch], self.v[:batch]
+        if input_pos.dim() == 1 and rows is None:
+            self.k[:batch].index_copy_(2, input_pos, k)
+            self.v[:batch].index_copy_(2, input_pos, v)
+        else:
+            index = (torch.arange(batch, device=k.device) if rows is None else rows)[:, None]
+            pos = input_pos.expand(batch, -1)
+            # Advanced indices on dims 0 and 2 put theirs first: the target is [batch, seq, heads, dim].
+            self.k[index, :, pos] = k.transpose(1, 2)
+            self.v[index, :, pos] = v.transpose(1, 2)
+        if rows is None:
+            return self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
+        return self.k[rows, :, :kv_len], self.v[rows, :, :kv_len]

@@ -63,6 +63,7 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         mask: torch.Tensor | None, input_pos: torch.Tensor | None, kv_len: int, causal: bool,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         qkv = self.wqkv(x)
@@ -71,8 +72,7 @@ class Attention(nn.Module):
         q, k = (t.transpose(1, 2) for t in qk.split((self.n_heads, self.n_kv), dim=2))
         v = qkv[..., self.qk_dim:].view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)
         if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
-            k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            k, v = self.kv_cache.update(input_pos, k, v, kv_len, rows)
         if seqlen == 1 and torch.compiler.is_compiling():
             y = self._one_query(q, k, v, mask)
         else:
@@ -122,11 +122,12 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
         mask: torch.Tensor | None, input_pos: torch.Tensor | None, kv_len: int, causal: bool,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mlp output, residual stream): the add of each sublayer's output happens in the next norm,
         so a fused norm does "add, then normalise" in one kernel."""
         y, h = self.attn_norm.add_norm(x, residual)
-        y, h = self.mlp_norm.add_norm(self.attn(y, cos, sin, mask, input_pos, kv_len, causal), h)
+        y, h = self.mlp_norm.add_norm(self.attn(y, cos, sin, mask, input_pos, kv_len, causal, rows), h)
         return self.mlp(y), h
 
 
@@ -221,15 +222,22 @@ class Transformer(nn.Module):
         cache = self.kv_cache
         return cache.max_seq_len if cache is not None else 0
 
-    def _check_slots(self, input_pos: torch.Tensor, bsz: int, seqlen: int) -> None:
+    def _check_slots(self, input_pos: torch.Tensor, rows: torch.Tensor | None, bsz: int, seqlen: int) -> None:
         cache = self.kv_cache
         if cache is None:
             return  # forward() says so
-        if input_pos.shape != (seqlen,):
-            raise GenerationError(f"input_pos must hold one slot per token ({seqlen}), got shape "
-                                  f"{list(input_pos.shape)}")
-        if bsz > cache.k.shape[0]:
+        if input_pos.shape not in ((seqlen,), (bsz, seqlen)):
+            raise GenerationError(f"input_pos must hold one slot per token ([{seqlen}] or [{bsz}, {seqlen}]), "
+                                  f"got shape {list(input_pos.shape)}")
+        if rows is None and bsz > cache.k.shape[0]:
             raise GenerationError(f"batch of {bsz} rows; the KV cache holds {cache.k.shape[0]} (setup_cache)")
+        if rows is not None:
+            if rows.shape != (bsz,):
+                raise GenerationError(f"cache_rows must name one cache row per batch row ({bsz}), got shape "
+                                      f"{list(rows.shape)}")
+            bad = _out_of_range(rows, cache.k.shape[0])
+            if bad is not None:
+                raise GenerationError(f"cache_rows: row {bad} is outside the KV cache's {cache.k.shape[0]} rows")
         bad = _out_of_range(input_pos, cache.max_seq_len)
         if bad is not None:
             raise GenerationError(f"input_pos: slot {bad} is outside the KV cache "
@@ -238,13 +246,13 @@ class Transformer(nn.Module):
     def _mask(
         self, q_pos: torch.Tensor, kv_len: int, padding_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """Boolean mask [batch|1, 1, q, kv]: causal, within the sliding window, not padding."""
-        k_pos = torch.arange(kv_len, device=q_pos.device)
-        diff = q_pos[:, None] - k_pos[None, :]
+        """Boolean mask [batch|1, 1, q, kv] for query slots q_pos ([q] or [batch, q]): causal, within
+        the sliding window, not padding."""
+        q_pos = q_pos[None] if q_pos.dim() == 1 else q_pos
+        diff = q_pos[:, None, :, None] - torch.arange(kv_len, device=q_pos.device)
         allowed = diff >= 0
         if self.config.sliding_window is not None:
             allowed &= diff < self.config.sliding_window
-        allowed = allowed[None, None]
         if padding_mask is not None:
             # Every query keeps its own key: a padded query would otherwise see nothing and turn into NaN.
             allowed = (allowed & padding_mask[:, None, None, :kv_len].bool()) | (diff == 0)
@@ -260,11 +268,13 @@ class Transformer(nn.Module):
         last_only: bool = False,
         labels: torch.Tensor | None = None,
         validate: bool = True,
+        cache_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] for `input_ids` [batch, seq].
 
-        input_pos: KV-cache slots [seq] of these tokens (needs `setup_cache`); None runs a plain
-            causal forward over `input_ids` alone without touching the cache.
+        input_pos: KV-cache slots [seq] of these tokens (needs `setup_cache`), or [batch, seq] when
+            rows sit at different slots (continuous batching); None runs a plain causal forward
+            over `input_ids` alone without touching the cache.
         position_ids: RoPE positions [batch, seq] when they differ from the slots (left padding).
         padding_mask: [batch, slots] with 1 for real tokens and 0 for padding.
         last_only: project only the last position to the vocabulary (prefill for generation).
@@ -272,6 +282,7 @@ class Transformer(nn.Module):
             cross-entropy instead of logits, without materialising them (see minillama/loss.py).
         validate: check token ids and cache slots first (GenerationError; one host sync on a GPU).
             Skipped under torch.compile; generation's own decode steps pass False.
+        cache_rows: the KV-cache rows [batch] these inputs use (default: the first `batch`).
         """
         if input_ids.dim() != 2:
             raise GenerationError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
@@ -279,7 +290,7 @@ class Transformer(nn.Module):
         if validate and not torch.compiler.is_compiling():
             check_token_ids(input_ids, self.config.vocab_size)
             if input_pos is not None:
-                self._check_slots(input_pos, bsz, seqlen)
+                self._check_slots(input_pos, cache_rows, bsz, seqlen)
         if input_pos is None:
             q_pos = torch.arange(seqlen, device=input_ids.device)
             kv_len, static = seqlen, False
@@ -292,13 +303,13 @@ class Transformer(nn.Module):
             # graph for every step, and reading the position back would sync with the GPU.
             q_pos = input_pos
             static = seqlen == 1 and (torch.compiler.is_compiling() or input_pos.device.type != "cpu")
-            kv_len = self.cache_len if static else int(input_pos[-1]) + 1
+            kv_len = self.cache_len if static else int(input_pos.max()) + 1
         if position_ids is None:
-            position_ids = q_pos[None]
+            position_ids = q_pos if q_pos.dim() == 2 else q_pos[None]
         # No mask when causal attention says it all: a prompt from slot 0, or one token reading
-        # every slot up to its own.
+        # every slot up to its own (rows at different slots always need one).
         window = self.config.sliding_window
-        unmasked = (padding_mask is None and (window is None or kv_len <= window)
+        unmasked = (padding_mask is None and (window is None or kv_len <= window) and q_pos.dim() == 1
                     and (kv_len == seqlen or (seqlen == 1 and not static)))
         mask = None if unmasked else self._mask(q_pos, kv_len, padding_mask)
         # Unmasked, one query sees every key it is given (SDPA's is_causal would align it to the
@@ -312,9 +323,9 @@ class Transformer(nn.Module):
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, residual = checkpoint(layer, x, residual, cos, sin, mask, input_pos, kv_len, causal,
-                                          use_reentrant=False)
+                                          cache_rows, use_reentrant=False)
             else:
-                x, residual = layer(x, residual, cos, sin, mask, input_pos, kv_len, causal)
+                x, residual = layer(x, residual, cos, sin, mask, input_pos, kv_len, causal, cache_rows)
         if last_only:
             x, residual = x[:, -1:], (residual[:, -1:] if residual is not None else None)
         x = self.norm.add_norm(x, residual)[0]

@@ -36,17 +36,18 @@ def byte_tokenizer() -> Any:
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    """Load the tokenizer saved in a local checkpoint directory (never from a hub); "byte": byte_tokenizer()."""
+    """Load the tokenizer of a checkpoint directory or Hugging Face id (minillama/hub.py); "byte": byte_tokenizer()."""
     from transformers import AutoTokenizer
 
     from .atomic import recover_directory
+    from .hub import resolve_model
 
     if str(path) == "byte":
         return byte_tokenizer()
-    path = Path(path)
+    path = resolve_model(path)
     recover_directory(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory (minillama loads local checkpoints only)")
+        raise CheckpointError(f"{path}: not a directory (a checkpoint directory or a Hugging Face model id)")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:

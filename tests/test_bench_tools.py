@@ -136,3 +136,17 @@ def test_bench_quant_quick(tiny_chat_dir, tmp_path):
     assert results["transformers"]["impl"] == "transformers"
     assert (out / results["plots"][0]).read_bytes()[:4] == b"\x89PNG"
     assert (out / "results.md").read_text().startswith("# bench_quant")
+
+
+def test_bench_serve_runs_clients_against_a_server(tiny_chat_dir, tmp_path):
+    out = tmp_path / "serve.json"
+    run = subprocess.run([sys.executable, str(TOOLS / "bench_serve.py"), "--model", str(tiny_chat_dir),
+                          "--clients", "1,3", "--requests", "2", "--new-tokens", "12", "--max-batch", "2",
+                          "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| clients | aggregate tok/s |" in run.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["clients"], r["requests"], r["tokens"]) for r in rows] == [(1, 2, 24), (3, 6, 72)]
+    for r in rows:
+        assert r["tok_s"] > 0 and 0 < r["ttft_p50_s"] <= r["ttft_p95_s"] <= r["latency_p50_s"] * 10
+    assert rows[1]["roofline_tok_s"] == pytest.approx(2 * rows[0]["roofline_tok_s"])  # 2 rows, not 3

@@ -37,8 +37,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
     import minillama
-    from minillama.assets import default_model_dir
     from minillama.generate import generate
+    from minillama.hub import model_path
     from minillama.linear import packed_bytes
     from minillama.quant import weight_bytes
 
@@ -46,7 +46,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     transformers.logging.set_verbosity_error()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    model_dir = Path(args.model) if args.model else default_model_dir()
+    model_dir = model_path(args.model)
     tok = minillama.load_tokenizer(model_dir)
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text() * 20
     long_ids = tok(text, return_tensors="pt").input_ids[:, : args.prefill].to(device)
@@ -113,10 +113,9 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
-    from minillama.assets import default_model_dir
+    from minillama.hub import model_path
 
-    if not args.model:
-        default_model_dir()  # convert once here, not inside a timed worker
+    model_path(args.model)  # convert (or download) once here, not inside a timed worker
     device = torch.device(args.device)
     bandwidth = read_bandwidth(device)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"

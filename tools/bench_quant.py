@@ -231,9 +231,9 @@ def main() -> None:
     if args.mode:  # worker
         print(json.dumps(worker(args)))
         return
-    from minillama.assets import default_model_dir
     from minillama.config import QuantConfig, load_config
     from minillama.errors import MinillamaError
+    from minillama.hub import model_path
     from minillama.quant import unquantizable
 
     if args.quick:
@@ -243,7 +243,7 @@ def main() -> None:
         for m in modes:
             if m != "none":
                 QuantConfig.parse(m)
-        model_dir = Path(args.model) if args.model else default_model_dir()
+        model_dir = model_path(args.model)
     except MinillamaError as e:
         sys.exit(f"bench_quant: {e}")
     modes = ["none"] + [m for m in modes if m != "none"]  # the reference comes first

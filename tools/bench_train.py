@@ -146,10 +146,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from minillama.assets import default_model_dir
     from minillama.config import load_config
+    from minillama.hub import model_path
 
-    args.model_dir = Path(args.model) if args.model else default_model_dir()
+    args.model_dir = model_path(args.model)
     if args.impl:  # memory worker mode
         print(json.dumps(memory_worker(args)))
         return

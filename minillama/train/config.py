@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import QuantConfig
 from ..errors import ConfigError
+from ..hub import is_repo_id
 
 LORA_TARGETS = ["wqkv", "wo", "w_gate_up", "w_down"]
 
@@ -214,8 +215,12 @@ def _resolve_paths(values: dict[str, Any], base: Path) -> None:
         sub = values.get(section)
         if isinstance(sub, dict) and isinstance(sub.get(key), str):
             raw = sub[key]
-            if raw not in ("default", "byte") and not Path(raw).expanduser().is_absolute():
-                sub[key] = str(base / raw)
+            if raw in ("default", "byte") or Path(raw).expanduser().is_absolute():
+                continue
+            # A model may be a Hugging Face id; a directory of that name beside the recipe wins.
+            if section == "model" and is_repo_id(raw) and not (base / raw).exists():
+                continue
+            sub[key] = str(base / raw)
 
 
 def load_finetune_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FinetuneConfig:

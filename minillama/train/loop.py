@@ -44,11 +44,11 @@ def token_loss(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> to
 
 def build_model(spec: ModelSection, seed: int) -> tuple[Transformer, Any]:
     """(model on the CPU in training mode, tokenizer) from a checkpoint or a fresh random config."""
-    from ..assets import default_model_dir
+    from ..hub import model_path
 
     tokenizer_path = spec.tokenizer
     if spec.path is not None:
-        path = default_model_dir() if spec.path == "default" else Path(spec.path)
+        path = model_path(None if spec.path == "default" else spec.path)
         model = from_pretrained(path, dtype=spec.dtype, device="cpu", norm=spec.norm, quantize=spec.quantize)
         tokenizer_path = tokenizer_path or path
     else:
@@ -60,7 +60,7 @@ def build_model(spec: ModelSection, seed: int) -> tuple[Transformer, Any]:
         if spec.quantize:
             quantize_model(model, spec.quantize)
     if tokenizer_path == "default":
-        tokenizer_path = default_model_dir()
+        tokenizer_path = model_path(None)
     tokenizer = load_tokenizer(tokenizer_path)
     if len(tokenizer) > model.config.vocab_size:
         raise ConfigError(f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens but the model's vocab_size is "

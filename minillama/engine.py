@@ -1,0 +1,274 @@
+"""Continuous batching: many requests share one model and one static KV cache, a row each.
+
+The cache has `max_batch` rows. A request waits in a bounded queue until a row is free, is
+prefilled into that row on its own (its prompt written from slot 0), and then joins the decode
+step, which advances every running row by one token in a single forward pass: rows sit at
+different slots, so the step passes each row's own position (model.forward's [batch, 1]
+`input_pos`) and attention masks every row to its own length. Newcomers are admitted at every
+step, so a long answer never holds up a short one, and a finished or cancelled request frees
+its row at once.
+
+Sampling and stopping are generate.py's (SamplingConfig, process_logits, sample, TextStream), per
+request, so a request decodes the tokens it would decode alone. The engine runs on one thread
+(`start`); `submit` and `cancel` may be called from any other.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .errors import GenerationError
+from .generate import SamplingConfig, TextStream, eos_ids, process_logits, sample, seen_tokens
+from .model import Transformer, check_token_ids
+
+log = logging.getLogger("minillama.engine")
+
+
+class QueueFull(GenerationError):
+    """Every row is busy and the waiting queue is at its bound."""
+
+
+@dataclass
+class Event:
+    """What a request hands its consumer: new text, and once, why it ended."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """One completion: prompt ids, how many tokens at most, how to sample and when to stop.
+
+    `on_event` is called on the engine's thread; it must not block (hand the event to your own
+    loop). Counters and timestamps are filled in as the request runs.
+    """
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingConfig
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False  # run to max_tokens (benchmarks)
+    on_event: Callable[[Event], None] = lambda event: None
+    id: int = field(default_factory=itertools.count().__next__)
+    tokens: list[int] = field(default_factory=list)  # generated ids, the end-of-sequence id excluded
+    finish_reason: str | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None  # when the first token was sampled (time to first token)
+    finished: float | None = None
+    cancelled: bool = False
+    # per-request sampling state, set at prefill
+    _text: TextStream | None = None
+    _generator: torch.Generator | None = None
+    _seen: torch.Tensor | None = None
+    _last: int = 0  # the token the next decode step feeds
+
+
+class Engine:
+    """The scheduler: a bounded queue of requests, `max_batch` cache rows, one decode step for all."""
+
+    def __init__(self, model: Transformer, tokenizer: Any, *, max_batch: int = 8, max_queue: int = 64,
+                 max_seq_len: int | None = None) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise GenerationError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        context = model.config.max_position_embeddings
+        self.cache_len = min(max_seq_len or context, context)
+        if self.cache_len < 2:
+            raise GenerationError(f"max_seq_len must be >= 2, got {max_seq_len}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.eos = set(eos_ids(model, tokenizer))
+        self.device = model.input_device
+        model.setup_cache(max_batch, self.cache_len)
+        self.rows: list[Request | None] = [None] * max_batch
+        self.queue: collections.deque[Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- called from any thread -------------------------------------------------------------
+    def check(self, prompt: Sequence[int], max_tokens: int | None) -> int:
+        """GenerationError unless the prompt and max_tokens fit a cache row; the max_tokens to use
+        (None: as many as the row leaves)."""
+        if not prompt:
+            raise GenerationError("empty prompt: it needs at least one token")
+        check_token_ids(torch.tensor(list(prompt)), self.model.config.vocab_size, "prompt")
+        room = self.cache_len - len(prompt)
+        if room < 1:
+            raise GenerationError(f"the prompt has {len(prompt)} tokens; this server's context is {self.cache_len} "
+                                  "tokens, leaving no room to generate")
+        if max_tokens is None:
+            return room
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise GenerationError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        if max_tokens > room:
+            raise GenerationError(f"the context is {self.cache_len} tokens; the prompt has {len(prompt)} and "
+                                  f"max_tokens asks for {max_tokens} more (at most {room})")
+        return max_tokens
+
+    def submit(self, request: Request) -> None:
+        """Queue a request (checked with `check` first); QueueFull when the queue is at its bound."""
+        request.max_tokens = self.check(request.prompt, request.max_tokens)
+        TextStream(self.tokenizer, request.stop)  # stop strings are checked now, not on the engine thread
+        with self._wake:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            free = self.rows.count(None)
+            if len(self.queue) >= self.max_queue + free:
+                raise QueueFull(f"server busy: {len(self.queue)} requests waiting for {self.max_batch} slots")
+            self.queue.append(request)
+            self._wake.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request (a client that went away): its row is freed at the next step. No event follows."""
+        with self._wake:
+            request.cancelled = True
+            self._wake.notify()
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.queue)
+
+    def start(self) -> None:
+        """Run the scheduler on a background thread until `shutdown`."""
+        self._thread = threading.Thread(target=self._loop, name="minillama-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Cancel what is queued and running (finish_reason "cancelled") and stop the thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- the engine's thread ----------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self.queue and not any(self.rows):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+            self.step()
+        for i, request in enumerate(self.rows):
+            if request is not None:
+                self._finish(i, request, Event(finish_reason="cancelled"))
+        while self.queue:
+            self._finish(None, self.queue.popleft(), Event(finish_reason="cancelled"))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One scheduler step: drop cancelled requests, prefill newcomers into free rows, then one
+        decode step over every running row."""
+        for i, request in enumerate(self.rows):
+            if request is not None and request.cancelled:
+                self._finish(i, request, None)
+        self._admit()
+        active = [i for i, r in enumerate(self.rows) if r is not None]
+        if not active:
+            return
+        # The step covers rows 0..last active (rows are filled lowest first); idle rows in between
+        # decode a dummy token at slot 0, which the next prefill into that row overwrites.
+        width = active[-1] + 1
+        tokens, positions = [0] * width, [0] * width
+        for i in active:
+            request = self.rows[i]
+            tokens[i], positions[i] = request._last, len(request.prompt) + len(request.tokens) - 1
+        try:
+            logits = self.model(torch.tensor(tokens, device=self.device)[:, None],
+                                torch.tensor(positions, device=self.device)[:, None], validate=False)[:, -1].float()
+        except Exception as e:  # noqa: BLE001 - the server must outlive a failed step; its requests fail
+            for i in active:
+                self._fail(i, self.rows[i], e, "decode step")
+            return
+        for i in active:
+            self._accept(i, self.rows[i], logits[i:i + 1])
+
+    def _fail(self, row: int | None, request: Request, e: Exception, what: str) -> None:
+        log.error("request %d: %s failed: %s: %s", request.id, what, type(e).__name__, e)
+        self._finish(row, request, Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
+
+    def _admit(self) -> None:
+        while None in self.rows:
+            with self._wake:
+                if not self.queue:
+                    return
+                request = self.queue.popleft()
+            if request.cancelled:
+                self._finish(None, request, None)
+                continue
+            row = self.rows.index(None)
+            self.rows[row] = request
+            try:
+                logits = self._prefill(row, request)
+            except Exception as e:  # noqa: BLE001 - one bad request must not disturb the others
+                self._fail(row, request, e, "prefill")
+                continue
+            self._accept(row, request, logits)
+
+    def _prefill(self, row: int, request: Request) -> torch.Tensor:
+        sampling = request.sampling
+        request._text = TextStream(self.tokenizer, request.stop)
+        if sampling.seed is not None and not sampling.greedy:
+            request._generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        ids = torch.tensor([request.prompt], device=self.device)
+        if sampling.repetition_penalty != 1.0:
+            request._seen = seen_tokens(ids, torch.ones_like(ids), self.model.config.vocab_size)
+        return self.model(ids, torch.arange(ids.shape[1], device=self.device), last_only=True, validate=False,
+                          cache_rows=torch.tensor([row], device=self.device))[:, -1].float()
+
+    def _accept(self, row: int, request: Request, logits: torch.Tensor) -> None:
+        """Sample the request's next token from its logits [1, V]; emit its text; end it when it is done."""
+        sampling = request.sampling
+        try:
+            token = int(sample(process_logits(logits, sampling, request._seen), sampling, request._generator))
+        except Exception as e:  # noqa: BLE001 - e.g. non-finite logits: this request fails, not the engine
+            self._fail(row, request, e, "sampling")
+            return
+        if request.first_token is None:
+            request.first_token = time.perf_counter()
+        if token in self.eos and not request.ignore_eos:
+            self._finish(row, request, Event(request._text.flush(), "stop"))
+            return
+        request.tokens.append(token)
+        request._last = token
+        if request._seen is not None:
+            request._seen[0, token] = True
+        text = request._text.push(token)
+        if request._text.stopped:
+            self._finish(row, request, Event(text, "stop"))
+        elif len(request.tokens) >= request.max_tokens:
+            self._finish(row, request, Event(text + request._text.flush(), "length"))
+        elif text:
+            self._emit(request, Event(text))
+
+    def _finish(self, row: int | None, request: Request, event: Event | None) -> None:
+        if row is not None:
+            self.rows[row] = None
+        request.finished = time.perf_counter()
+        if event is None:  # cancelled by its consumer, who waits for nothing
+            request.finish_reason = "cancelled"
+            return
+        request.finish_reason = event.finish_reason
+        self._emit(request, event)
+
+    def _emit(self, request: Request, event: Event) -> None:
+        try:
+            request.on_event(event)
+        except Exception:  # noqa: BLE001 - a consumer that cannot take events is gone
+            log.exception("request %d: its consumer failed; cancelling it", request.id)
+            request.cancelled = True

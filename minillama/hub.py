@@ -1,0 +1,58 @@
+"""Model names: a local checkpoint directory, or a Hugging Face id resolved through huggingface_hub.
+
+An id (`HuggingFaceTB/SmolLM2-135M-Instruct`) is fetched into, or found in, the Hugging Face
+cache by `snapshot_download`: downloaded when online, read from the cache offline
+(`HF_HUB_OFFLINE=1`). Only what a checkpoint directory needs is fetched (config, safetensors,
+tokenizer files), never the other formats a repository may also carry. A local directory always
+wins over an id spelt the same.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import CheckpointError
+
+# What from_pretrained and load_tokenizer read; a repository's .bin/.gguf/.onnx copies are skipped.
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+# A Hub repository id: "name" or "org/name", letters, digits, "-", "_", ".".
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def is_repo_id(name: str) -> bool:
+    """True when `name` is spelt like a Hub id (it may still not exist)."""
+    return bool(_REPO_ID.fullmatch(name)) and ".." not in name and not name.endswith(".")
+
+
+def resolve_model(name: str | Path) -> Path:
+    """The local directory for `name`: itself when it exists (or is not spelt like an id), else the
+    Hub id's snapshot in the Hugging Face cache. CheckpointError naming the id when neither works."""
+    path = Path(name)
+    if path.exists() or not is_repo_id(str(name)):
+        return path
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(name), allow_patterns=CHECKPOINT_FILES))
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{name}: no such local directory, and no model with that id on the Hugging Face "
+                              "Hub (or it is private or gated: log in with `hf auth login`)") from None
+    except LocalEntryNotFoundError:
+        where = "offline (HF_HUB_OFFLINE=1)" if constants.is_offline_mode() else "the Hub could not be reached"
+        raise CheckpointError(f"{name}: no such local directory, and not in the Hugging Face cache "
+                              f"({constants.HF_HUB_CACHE}); {where}, so nothing was downloaded") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{name}: no such local directory, and the Hugging Face Hub could not provide it "
+                              f"({first})") from None
+
+
+def model_path(name: str | Path | None) -> Path:
+    """The checkpoint directory a `--model` value names: None is the embedded SmolLM2."""
+    if name is None or str(name) == "":
+        from .assets import default_model_dir
+
+        return default_model_dir()
+    return resolve_model(name)

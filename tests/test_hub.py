@@ -1,0 +1,80 @@
+"""Models by Hugging Face id: resolved through a Hugging Face cache the test lays out (the hub's
+cache layout), offline; a local directory of the same spelling wins; an unknown id is one error."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+
+import minillama
+from minillama.errors import CheckpointError
+from minillama.hub import is_repo_id
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def populate_cache(cache: Path, repo_id: str, checkpoint: Path) -> Path:
+    """models--org--name/{refs/main, snapshots/<commit>/...}: what snapshot_download leaves behind."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    shutil.copytree(checkpoint, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    return snapshot
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "hf-cache"
+    populate_cache(cache, "tiny-org/tiny-chat", tiny_chat_dir)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # no local directory named like the id
+    return cache
+
+
+def test_an_id_in_the_cache_loads_like_its_directory(hub_cache: Path, tiny_chat_dir: Path) -> None:
+    ids = torch.tensor([[1, 2, 3, 4]])
+    by_id = minillama.from_pretrained("tiny-org/tiny-chat", dtype="float32")
+    by_dir = minillama.from_pretrained(tiny_chat_dir, dtype="float32")
+    assert torch.equal(by_id(ids), by_dir(ids))
+    tok = minillama.load_tokenizer("tiny-org/tiny-chat")
+    assert tok("hello").input_ids == minillama.load_tokenizer(tiny_chat_dir)("hello").input_ids
+
+
+def test_a_local_directory_wins_over_an_id(hub_cache: Path, make_hf) -> None:
+    _, other = make_hf("llama", seed=3)
+    local = Path("tiny-org/tiny-chat")
+    shutil.copytree(other, local)
+    model = minillama.from_pretrained("tiny-org/tiny-chat", dtype="float32")
+    assert model.config.vocab_size == 128  # make_hf's, not the cached byte-tokenizer model's 259
+
+
+def test_an_unknown_id_is_one_clear_error(hub_cache: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"nobody/nothing: no such local directory, and not in the "
+                                              r"Hugging Face cache .*offline"):
+        minillama.from_pretrained("nobody/nothing")
+    with pytest.raises(CheckpointError, match="nobody/nothing"):
+        minillama.load_tokenizer("nobody/nothing")
+
+
+def test_what_counts_as_an_id() -> None:
+    assert is_repo_id("HuggingFaceTB/SmolLM2-135M-Instruct") and is_repo_id("gpt2")
+    assert not any(map(is_repo_id, ["/abs/dir", "./rel", "a/b/c", "../up", "~/model", "a/", ""]))
+
+
+def test_cli_takes_an_id(hub_cache: Path) -> None:
+    env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "minillama.cli", "generate", "-p", "hi", "-n", "4", "--model"]
+    ok = subprocess.run(cmd + ["tiny-org/tiny-chat"], env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run(cmd + ["nobody/nothing"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("minillama: error: nobody/nothing: no such local")
