@@ -423,21 +423,29 @@ def _compiled_step(model: Transformer) -> Callable[..., torch.Tensor]:
 
 
 def compile_decode_step(model: Transformer) -> Callable[..., torch.Tensor]:
-    """torch.compile the one-token decode step: static shapes, one fused graph per (batch, cache length).
+    """Compile the one-token decode step: static shapes, one fused graph per (batch, cache length).
 
     Inductor's `freezing` folds the weights into the graph as constants, which lets it prepack them
     for the CPU matmul library (oneDNN/MKL): that, not Python overhead, is most of the gain on a CPU.
     The compiled step therefore snapshots the weights: compile again after changing them.
-    Dynamic NTK RoPE reads a position back to Python every call, so it stays eager.
+    On a CPU the step is an AOTInductor package cached on disk (minillama/aot.py), so only the
+    first process pays the compilation; elsewhere, or with MINILLAMA_AOT=0, it is torch.compile'd
+    in-process. Dynamic NTK RoPE reads a position back to Python every call, so it stays eager.
     """
     if model.config.rope.rope_type == "dynamic":
         return model
-    import torch._inductor.config as inductor_config
-
+    from . import aot
     from .linear import unpack_model
 
     # The frozen graph packs the weights itself; the eager prepacked copies would be a third one.
     unpack_model(model)
+    if aot.supported(model):
+        return aot.PackagedStep(model, fallback=lambda: _torch_compiled_step(model))
+    return _torch_compiled_step(model)
+
+
+def _torch_compiled_step(model: Transformer) -> Callable[..., torch.Tensor]:
+    import torch._inductor.config as inductor_config
 
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
 
