@@ -19,6 +19,8 @@ from .model import Transformer, check_token_ids
 
 # Cache lengths are rounded up so that successive calls reuse one allocation (and one compiled graph).
 CACHE_ROUND = 256
+# Tokens between checks of "every row done" on a GPU (each check is a host synchronisation).
+SYNC_EVERY_GPU = 16
 
 
 @dataclass
@@ -192,12 +194,15 @@ def decode_tokens(
     should_stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
     step_fn: Callable[..., torch.Tensor] | None = None,
     stats: GenerationStats | None = None,
+    sync_every: int = 1,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [B] per step; finished rows get `pad_id`.
 
     should_stop(tokens [B]) -> bool [B] adds stop conditions beyond EOS (stop strings).
     step_fn replaces `model` for the one-token decode step (a compiled version of it).
     stats, when given, is filled with the time of each phase (model time only, not the caller's).
+    sync_every: check whether every row is done once per this many tokens (tokens then arrive in
+    bursts); the tokens yielded are the same for any value.
     """
     bsz, prompt_len = input_ids.shape
     device = model.input_device
@@ -234,6 +239,10 @@ def decode_tokens(
     logits = model(input_ids.masked_fill(attention_mask == 0, 0), torch.arange(prompt_len, device=device),
                    position_ids=positions, padding_mask=padding_mask if has_padding else None,
                    last_only=True, validate=False)[:, -1].float()
+    # The decode step's slot and positions live on the device and advance in place: a new
+    # torch.tensor([pos]) per step would be a host-to-device copy, which waits for the GPU.
+    slot = torch.tensor([prompt_len - 1], device=device)
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (token, all rows done after it), not yet yielded
     for i in range(max_new_tokens):
         sampled = sample(process_logits(logits, sampling, seen), sampling, generator)
         token = sampled.masked_fill(done, pad_id)
@@ -243,21 +252,37 @@ def decode_tokens(
             phase = "prefill_s" if i == 0 else "warmup_s" if i == 1 else "decode_s"
             setattr(stats, phase, getattr(stats, phase) + now - start)
             stats.new_tokens = i + 1
-        yield token
-        if stats is not None:
-            start = _clock(device)  # the caller's time between tokens is not the model's
         done |= torch.isin(token, eos_t)
         if should_stop is not None:
             done |= should_stop(token)
-        if i == max_new_tokens - 1 or bool(done.all()):
-            return
+        last = i == max_new_tokens - 1
+        if sync_every == 1:
+            yield token
+            if last or bool(done.all()):
+                return
+        else:
+            # Read back whether every row is done once per `sync_every` tokens (one host sync), then
+            # yield the tokens up to the step where they all were: the output ends exactly where a
+            # check after every token would have ended it; the extra steps only cost compute.
+            pending.append((token, done.all()))
+            if last or len(pending) == sync_every:
+                flags = torch.stack([flag for _, flag in pending]).tolist()
+                for (held, _), all_done in zip(pending, flags):
+                    yield held
+                    if all_done:
+                        return
+                pending.clear()
+                if last:
+                    return
+        if stats is not None:
+            start = _clock(device)  # the caller's time between tokens is not the model's
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
-        pos = prompt_len + i
+        slot += 1
         # Finished rows keep decoding their own (ignored) samples: the pad id need not be a valid token.
         # validate=False: the token comes from our own logits and the slot from the cache we sized.
-        logits = step(sampled[:, None], torch.tensor([pos], device=device),
-                      position_ids=pos - pad_count, padding_mask=decode_mask, validate=False)[:, -1].float()
+        logits = step(sampled[:, None], slot, position_ids=slot - pad_count, padding_mask=decode_mask,
+                      validate=False)[:, -1].float()
 
 
 def check_stop_strings(stops: Sequence[str] | str) -> list[str]:
@@ -341,6 +366,7 @@ def generate_tokens(
     step_fn: Callable[..., torch.Tensor] | None = None,
     compile: bool = False,
     stats: GenerationStats | None = None,
+    sync_every: int | None = None,
 ) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
     """Validate everything, then return (left-padded prompt ids [B, S], iterator of new tokens [B]).
 
@@ -372,10 +398,16 @@ def generate_tokens(
     should_stop = StopStrings(tokenizer, stop, ids.shape[0]) if stop else None
     if compile and step_fn is None:
         step_fn = _compiled_step(model)
+    if sync_every is None:
+        # On a GPU a host read per token stalls the queue of kernels; on a CPU it costs nothing.
+        # Stop strings are checked on the host text every token anyway.
+        sync_every = 1 if stop or model.input_device.type == "cpu" else SYNC_EVERY_GPU
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        raise GenerationError(f"sync_every must be an integer >= 1, got {sync_every!r}")
     # Never run past the context the model was trained for.
     max_new_tokens = min(max_new_tokens, context - ids.shape[1])
     tokens = decode_tokens(model, ids, mask, max_new_tokens, sampling, eos, pad_token_id, should_stop, step_fn,
-                           stats)
+                           stats, sync_every)
     return ids, tokens
 
 
@@ -388,8 +420,9 @@ def generate(
     lengths. Options (see generate_tokens): temperature (0: greedy), top_k, top_p, min_p,
     repetition_penalty, seed, eos_token_id (None: every EOS id of the checkpoint; []: never stop
     early), attention_mask, pad_token_id (fills rows that finished early), stop (strings; needs
-    tokenizer), tokenizer, compile (torch.compile the decode step, cached on the model), step_fn
-    (a decode step of your own), stats (a GenerationStats to fill with per-phase timings).
+    tokenizer), tokenizer, compile (compile the decode step, cached on the model), step_fn
+    (a decode step of your own), stats (a GenerationStats to fill with per-phase timings),
+    sync_every (tokens between host checks for "all rows done"; default 1 on a CPU, 16 on a GPU).
     """
     ids, tokens = generate_tokens(model, input_ids, max_new_tokens, **options)
     new = list(tokens)
@@ -406,7 +439,9 @@ def stream(
             raise GenerationError("stream() takes one prompt; use generate() for batches")
     else:
         input_ids = [list(input_ids)]
-    _, tokens = generate_tokens(model, input_ids, max_new_tokens, tokenizer=tokenizer, **options)
+    # Every piece is read back as it comes: bursts of tokens would only delay the text.
+    _, tokens = generate_tokens(model, input_ids, max_new_tokens, tokenizer=tokenizer,
+                                **{"sync_every": 1, **options})
     text = IncrementalDecoder(tokenizer)
     for token in tokens:
         piece = text.push(int(token[0]))
@@ -445,9 +480,16 @@ def compile_decode_step(model: Transformer) -> Callable[..., torch.Tensor]:
 
 
 def _torch_compiled_step(model: Transformer) -> Callable[..., torch.Tensor]:
+    """torch.compile in-process: frozen on a CPU; on a GPU replayed as a CUDA graph
+    ("reduce-overhead": one launch per token instead of hundreds; its inputs are copied into the
+    graph's static buffers, the KV cache is a module buffer the graph writes in place). A new
+    batch size or cache length is a new graph; cache lengths are rounded to CACHE_ROUND."""
     import torch._inductor.config as inductor_config
 
-    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    gpu = model.input_device.type == "cuda"
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, mode="reduce-overhead" if gpu else None)
+    if gpu:
+        return compiled  # freezing buys a GPU little, and would pin the weights into the graph
 
     def step(*args: Any, **kwargs: Any) -> torch.Tensor:
         # Compilation is lazy (first call, and each new shape), so the setting must be live at call

@@ -199,6 +199,25 @@ def test_compiled_decode_step_gives_the_same_tokens(make_hf):
     model = minillama.from_pretrained(path)
     eager = generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0)
     assert torch.equal(generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0, compile=True), eager)
+    # "every row done?" read back once per 5 tokens, as on a GPU: EOS still lands on the same token
+    new = eager[:, -12:]
+    eos = [int(new[0, 3]), int(new[1, 6]), int(new[2, 8])]
+    for options in ({}, {"temperature": 0.9, "top_k": 20, "seed": 5}):
+        every_token = generate(model, PROMPTS, 12, eos_token_id=eos, pad_token_id=0, **options)
+        if not options:  # greedy: every row meets its EOS, so the output ends early
+            assert every_token.shape[1] < eager.shape[1]
+        for compiled in (False, True):
+            bursts = generate(model, PROMPTS, 12, eos_token_id=eos, pad_token_id=0, sync_every=5,
+                              compile=compiled, **options)
+            assert torch.equal(bursts, every_token), (options, compiled)
+
+
+def test_sync_every_must_be_a_positive_integer(make_hf):
+    _, path = make_hf("llama")
+    model = minillama.from_pretrained(path)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(GenerationError, match="sync_every"):
+            generate(model, PROMPTS, 4, sync_every=bad)
 
 
 def test_stats_time_each_phase_apart(make_hf):
