@@ -97,7 +97,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def warmup(row: dict[str, Any]) -> str:
     """The first generate call's seconds; for the compiled step, the second process's, then the first's."""
-    if row["impl"] == "minillama-compiled":
+    if row.get("first_start_warmup_s") is not None:
         return f"{row['warmup_s']:.1f} (first start {row['first_start_warmup_s']:.0f})"
     return f"{row['warmup_s']:.1f}"
 
@@ -141,17 +141,18 @@ def main() -> None:
                    "--device", args.device, "--new-tokens", str(args.new_tokens), "--prefill", str(args.prefill),
                    "--repeats", str(args.repeats)] + (["--model", args.model] if args.model else []) \
                 + (["--norm", args.norm] if args.norm else [])
-            # The compiled step runs twice against one fresh compile cache: a first start (compiles)
-            # and a second start (a new process that loads what the first compiled); the row is the second's.
-            first_start = None
-            for _ in range(2 if impl == "minillama-compiled" else 1):
+            # On a CPU the compiled step runs twice against one fresh compile cache: a first start
+            # (compiles) and a second start (a new process that loads what the first compiled, see
+            # minillama/aot.py); the row is the second's. GPUs compile in-process every time.
+            warmups = []
+            for _ in range(2 if impl == "minillama-compiled" and device.type == "cpu" else 1):
                 out = subprocess.run(cmd, capture_output=True, text=True,
                                      env={**os.environ, "MINILLAMA_COMPILE_CACHE": compile_cache})
                 if out.returncode:
                     sys.exit(f"worker {impl}/{dtype} failed:\n{out.stderr[-3000:]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1])
-                first_start = row["warmup_s"] if first_start is None else first_start
-            rows.append({**row, "first_start_warmup_s": first_start})
+                warmups.append(row["warmup_s"])
+            rows.append({**row, "first_start_warmup_s": warmups[0] if len(warmups) == 2 else None})
             print(f"  measured {impl} {dtype}", file=sys.stderr)
 
     head = ("| dtype | impl | prefill tok/s | x HF | decode tok/s | x HF | roofline tok/s | % roofline "
