@@ -14,8 +14,11 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
-# What from_pretrained and load_tokenizer read; a repository's .bin/.gguf/.onnx copies are skipped.
+# What from_pretrained and load_tokenizer read; a repository's .bin/.gguf/.onnx copies are skipped,
+# and so are the original-format duplicates some carry beside the HF weights (Mistral's
+# consolidated.safetensors, Llama 3's original/): the same weights again, gigabytes of them.
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+NOT_CHECKPOINT_FILES = ["consolidated*", "original/*"]
 # A Hub repository id: "name" or "org/name", letters, digits, "-", "_", ".".
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
@@ -35,7 +38,7 @@ def resolve_model(name: str | Path) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(str(name), allow_patterns=CHECKPOINT_FILES))
+        return Path(snapshot_download(str(name), allow_patterns=CHECKPOINT_FILES, ignore_patterns=NOT_CHECKPOINT_FILES))
     except RepositoryNotFoundError:
         raise CheckpointError(f"{name}: no such local directory, and no model with that id on the Hugging Face "
                               "Hub (or it is private or gated: log in with `hf auth login`)") from None

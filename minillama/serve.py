@@ -173,10 +173,18 @@ class Server:
             return {"status": "ok", "model": self.model_name, "running": self.engine.running,
                     "waiting": self.engine.waiting, "slots": self.engine.max_batch}
 
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "minillama",
+                "max_model_len": self.engine.cache_len}
+
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
-            return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                                "owned_by": "minillama", "max_model_len": self.engine.cache_len}]}
+            return {"object": "list", "data": [card]}
+
+        @app.get("/v1/models/{model_id:path}")
+        async def model(model_id: str) -> dict[str, Any]:
+            if model_id not in self.names:
+                raise APIError(404, f"The model `{model_id}` does not exist", param="model", code="model_not_found")
+            return card
 
         @app.post("/v1/chat/completions")
         async def chat(body: ChatBody, http: HTTPRequest) -> Any:

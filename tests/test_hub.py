@@ -78,3 +78,29 @@ def test_cli_takes_an_id(hub_cache: Path) -> None:
     bad = subprocess.run(cmd + ["nobody/nothing"], env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("minillama: error: nobody/nothing: no such local")
+
+
+def test_online_ids_download_checkpoint_files_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Online, the id goes to snapshot_download with the files a checkpoint needs (not the .bin,
+    .gguf or original-format duplicates); a repository that does not exist is one clear error."""
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    calls = []
+
+    def fake_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        if repo_id == "nobody/nothing":
+            raise RepositoryNotFoundError.__new__(RepositoryNotFoundError)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    monkeypatch.chdir(tmp_path)
+    from minillama.hub import resolve_model
+
+    assert resolve_model("some-org/some-model") == tmp_path
+    kwargs = calls[0][1]
+    assert "*.safetensors" in kwargs["allow_patterns"] and "*.bin" not in kwargs["allow_patterns"]
+    assert "consolidated*" in kwargs["ignore_patterns"]
+    with pytest.raises(CheckpointError, match="nobody/nothing: no such local directory, and no model with that id"):
+        resolve_model("nobody/nothing")

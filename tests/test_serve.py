@@ -218,7 +218,9 @@ def test_malformed_bodies_unknown_routes_and_the_client_errors(server: Running) 
         server.client.chat.completions.create(model=NAME, n=3, messages=[{"role": "user", "content": "hi"}])
     # after all that, requests still work
     models = server.client.models.list()
-    assert [m.id for m in models.data] == [NAME]
+    assert [m.id for m in models.data] == [NAME] and server.client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        server.client.models.retrieve("gpt-4")
     assert httpx.get(f"{server.url}/health", timeout=30).json()["status"] == "ok"
 
 
