@@ -9,6 +9,7 @@ wins over an id spelt the same.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -34,22 +35,36 @@ def resolve_model(name: str | Path) -> Path:
     path = Path(name)
     if path.exists() or not is_repo_id(str(name)):
         return path
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    cache, offline = _hub_settings()
     try:
-        return Path(snapshot_download(str(name), allow_patterns=CHECKPOINT_FILES, ignore_patterns=NOT_CHECKPOINT_FILES))
+        return Path(snapshot_download(str(name), cache_dir=cache, local_files_only=offline,
+                                      allow_patterns=CHECKPOINT_FILES, ignore_patterns=NOT_CHECKPOINT_FILES))
     except RepositoryNotFoundError:
         raise CheckpointError(f"{name}: no such local directory, and no model with that id on the Hugging Face "
                               "Hub (or it is private or gated: log in with `hf auth login`)") from None
     except LocalEntryNotFoundError:
-        where = "offline (HF_HUB_OFFLINE=1)" if constants.is_offline_mode() else "the Hub could not be reached"
+        where = "offline (HF_HUB_OFFLINE=1)" if offline else "the Hub could not be reached"
         raise CheckpointError(f"{name}: no such local directory, and not in the Hugging Face cache "
-                              f"({constants.HF_HUB_CACHE}); {where}, so nothing was downloaded") from None
+                              f"({cache}); {where}, so nothing was downloaded") from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{name}: no such local directory, and the Hugging Face Hub could not provide it "
                               f"({first})") from None
+
+
+def _hub_settings() -> tuple[str, bool]:
+    """(cache directory, offline) as the environment says now: huggingface_hub reads its variables
+    once, on import (usually transformers' import, before a program sets them)."""
+    from huggingface_hub import constants
+
+    env = os.environ
+    cache = env.get("HF_HUB_CACHE") or (os.path.join(env["HF_HOME"], "hub") if env.get("HF_HOME") else None)
+    offline = any(env.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return cache or constants.HF_HUB_CACHE, offline or constants.is_offline_mode()
 
 
 def model_path(name: str | Path | None) -> Path:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 import torch
 
@@ -34,8 +33,9 @@ def populate_cache(cache: Path, repo_id: str, checkpoint: Path) -> Path:
 def hub_cache(tmp_path: Path, tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "hf-cache"
     populate_cache(cache, "tiny-org/tiny-chat", tiny_chat_dir)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    # Set after huggingface_hub was imported (it reads them on import): still honoured.
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)  # no local directory named like the id
     return cache
 
