@@ -189,8 +189,11 @@ class Engine:
             request = self.rows[i]
             tokens[i], positions[i] = request._last, len(request.prompt) + len(request.tokens) - 1
         try:
+            # kv_len from the host's own positions: no read-back, and on a GPU no attention over
+            # the whole --max-seq-len cache.
             logits = self.model(torch.tensor(tokens, device=self.device)[:, None],
-                                torch.tensor(positions, device=self.device)[:, None], validate=False)[:, -1].float()
+                                torch.tensor(positions, device=self.device)[:, None], validate=False,
+                                kv_len=max(positions) + 1)[:, -1].float()
         except Exception as e:  # noqa: BLE001 - the server must outlive a failed step; its requests fail
             for i in active:
                 self._fail(i, self.rows[i], e, "decode step")

@@ -281,8 +281,11 @@ def decode_tokens(
         slot += 1
         # Finished rows keep decoding their own (ignored) samples: the pad id need not be a valid token.
         # validate=False: the token comes from our own logits and the slot from the cache we sized.
+        # The eager model is told how many slots are written (the host knows); a compiled step
+        # has static shapes and attends over all of them.
+        extra = {} if step_fn is not None else {"kv_len": prompt_len + i + 1}
         logits = step(sampled[:, None], slot, position_ids=slot - pad_count, padding_mask=decode_mask,
-                      validate=False)[:, -1].float()
+                      validate=False, **extra)[:, -1].float()
 
 
 def check_stop_strings(stops: Sequence[str] | str) -> list[str]:

@@ -269,6 +269,7 @@ class Transformer(nn.Module):
         labels: torch.Tensor | None = None,
         validate: bool = True,
         cache_rows: torch.Tensor | None = None,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] for `input_ids` [batch, seq].
 
@@ -283,6 +284,9 @@ class Transformer(nn.Module):
         validate: check token ids and cache slots first (GenerationError; one host sync on a GPU).
             Skipped under torch.compile; generation's own decode steps pass False.
         cache_rows: the KV-cache rows [batch] these inputs use (default: the first `batch`).
+        kv_len: attend over the first kv_len cache slots, when the caller knows the last slot
+            written (a decode loop does): default, that slot read back from input_pos, or on a GPU
+            and under torch.compile every slot (reading it back would wait for the device).
         """
         if input_ids.dim() != 2:
             raise GenerationError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
@@ -291,6 +295,9 @@ class Transformer(nn.Module):
             check_token_ids(input_ids, self.config.vocab_size)
             if input_pos is not None:
                 self._check_slots(input_pos, cache_rows, bsz, seqlen)
+                if kv_len is not None and not int(input_pos.max()) < kv_len <= self.cache_len:
+                    raise GenerationError(f"kv_len {kv_len} must cover the slots written (up to "
+                                          f"{int(input_pos.max())}) and fit the cache ({self.cache_len})")
         if input_pos is None:
             q_pos = torch.arange(seqlen, device=input_ids.device)
             kv_len, static = seqlen, False
@@ -302,8 +309,9 @@ class Transformer(nn.Module):
             # torch.compile or on a GPU attends over every slot instead: static shapes make one
             # graph for every step, and reading the position back would sync with the GPU.
             q_pos = input_pos
-            static = seqlen == 1 and (torch.compiler.is_compiling() or input_pos.device.type != "cpu")
-            kv_len = self.cache_len if static else int(input_pos.max()) + 1
+            static = kv_len is None and seqlen == 1 and (torch.compiler.is_compiling() or input_pos.device.type != "cpu")
+            if kv_len is None:
+                kv_len = self.cache_len if static else int(input_pos.max()) + 1
         if position_ids is None:
             position_ids = q_pos if q_pos.dim() == 2 else q_pos[None]
         # No mask when causal attention says it all: a prompt from slot 0, or one token reading

@@ -69,3 +69,48 @@ def test_input_pos_without_cache_is_an_error(make_hf):
     model = minillama.from_pretrained(path)
     with pytest.raises(minillama.GenerationError, match="setup_cache"):
         model(_ids(1, 4), torch.arange(4))
+
+
+@pytest.mark.parametrize("model_type,overrides", [
+    ("llama", dict(num_key_value_heads=2)),
+    ("mistral", dict(num_key_value_heads=2, sliding_window=4)),
+])
+def test_rows_at_their_own_slots_equal_each_row_alone(make_hf, model_type, overrides):
+    """Continuous batching's forward: each row prefilled into its own cache row (cache_rows), then
+    decoded together with per-row slots ([batch, 1] input_pos, host-known kv_len)."""
+    _, path = make_hf(model_type, **overrides)
+    model = minillama.from_pretrained(path)
+    prompts = [_ids(1, n, seed=n)[0].tolist() for n in (3, 9, 6)]
+    alone = []
+    with torch.no_grad():
+        for p in prompts:
+            model.setup_cache(1, 32)
+            logits = [model(torch.tensor([p]), torch.arange(len(p)))[:, -1]]
+            for t in range(6):
+                logits.append(model(logits[-1].argmax(-1, keepdim=True), torch.tensor([len(p) + t]))[:, -1])
+            alone.append(torch.cat(logits))
+        model.setup_cache(4, 32)
+        together = [[model(torch.tensor([p]), torch.arange(len(p)), cache_rows=torch.tensor([r + 1]))[:, -1]]
+                    for r, p in enumerate(prompts)]
+        for t in range(6):
+            tokens = torch.cat([torch.zeros(1, 1, dtype=torch.long)]  # row 0: idle
+                               + [rows[-1].argmax(-1, keepdim=True) for rows in together])
+            slots = torch.tensor([[0]] + [[len(p) + t] for p in prompts])
+            out = model(tokens, slots, kv_len=int(slots.max()) + 1)[:, -1]
+            for r in range(3):
+                together[r].append(out[r + 1:r + 2])
+    for r in range(3):
+        torch.testing.assert_close(torch.cat(together[r]), alone[r], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_slots_rows_and_kv_len_are_refused(make_hf):
+    _, path = make_hf("llama")
+    model = minillama.from_pretrained(path)
+    model.setup_cache(2, 16)
+    one = torch.tensor([[1]])
+    with pytest.raises(minillama.GenerationError, match="kv_len 3 must cover the slots written"):
+        model(one, torch.tensor([5]), kv_len=3)
+    with pytest.raises(minillama.GenerationError, match="cache_rows: row 2 is outside"):
+        model(one, torch.tensor([5]), cache_rows=torch.tensor([2]))
+    with pytest.raises(minillama.GenerationError, match="input_pos must hold one slot per token"):
+        model(one, torch.tensor([[5, 6]]))
