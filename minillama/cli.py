@@ -253,9 +253,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise MinillamaError("serving needs FastAPI and uvicorn: pip install 'minillama[serve]'") from None
-    if args.max_batch < 1 or args.max_queue < 0:
-        raise GenerationError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch} and "
-                              f"{args.max_queue}")
+    if args.max_batch < 1 or args.max_queue < 0 or args.prefill_chunk < 1:
+        raise GenerationError(f"--max-batch and --prefill-chunk must be >= 1 and --max-queue >= 0, got "
+                              f"{args.max_batch}, {args.prefill_chunk} and {args.max_queue}")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         raise GenerationError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
     model, tokenizer = _load(args)
@@ -265,7 +265,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     name = args.served_model_name or (args.model.rstrip("/") if args.model else SMOLLM2_NAME)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                    max_seq_len=args.max_seq_len)
+                    max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk)
     print(f"minillama: serving {name} on http://{args.host}:{args.port}/v1 ({args.max_batch} slots of "
           f"{engine.cache_len} tokens; loaded in {args.load_s:.1f} s)", file=sys.stderr, flush=True)
     aliases = (SMOLLM2_NAME, f"HuggingFaceTB/{SMOLLM2_NAME}") if not args.model else (Path(args.model).name,)
@@ -397,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; more get HTTP 503")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="tokens per request, prompt included (default: the model's context)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens prefilled per step: a long prompt takes several steps while the others decode")
     p.add_argument("--served-model-name", default=None, help="the model id clients name (default: --model)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are cancelled")

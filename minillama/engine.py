@@ -1,12 +1,12 @@
 """Continuous batching: many requests share one model and one static KV cache, a row each.
 
 The cache has `max_batch` rows. A request waits in a bounded queue until a row is free, is
-prefilled into that row on its own (its prompt written from slot 0), and then joins the decode
-step, which advances every running row by one token in a single forward pass: rows sit at
-different slots, so the step passes each row's own position (model.forward's [batch, 1]
-`input_pos`) and attention masks every row to its own length. Newcomers are admitted at every
-step, so a long answer never holds up a short one, and a finished or cancelled request frees
-its row at once.
+prefilled into that row on its own (its prompt written from slot 0, `prefill_chunk` tokens per
+step, so a long prompt never stalls the others for long), and then joins the decode step, which
+advances every running row by one token in a single forward pass: rows sit at different slots,
+so the step passes each row's own position (model.forward's [batch, 1] `input_pos`) and
+attention masks every row to its own length. Newcomers are admitted at every step, so a long
+answer never holds up a short one, and a finished or cancelled request frees its row at once.
 
 Sampling and stopping are generate.py's (SamplingConfig, process_logits, sample, TextStream), per
 request, so a request decodes the tokens it would decode alone. The engine runs on one thread
@@ -71,15 +71,18 @@ class Request:
     _generator: torch.Generator | None = None
     _seen: torch.Tensor | None = None
     _last: int = 0  # the token the next decode step feeds
+    _filled: int = 0  # prompt tokens already in the cache (a long prompt is prefilled in chunks)
 
 
 class Engine:
     """The scheduler: a bounded queue of requests, `max_batch` cache rows, one decode step for all."""
 
     def __init__(self, model: Transformer, tokenizer: Any, *, max_batch: int = 8, max_queue: int = 64,
-                 max_seq_len: int | None = None) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise GenerationError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+                 max_seq_len: int | None = None, prefill_chunk: int = 512) -> None:
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise GenerationError(f"max_batch and prefill_chunk must be >= 1 and max_queue >= 0, got "
+                                  f"{max_batch}, {prefill_chunk} and {max_queue}")
+        self.prefill_chunk = prefill_chunk
         context = model.config.max_position_embeddings
         self.cache_len = min(max_seq_len or context, context)
         if self.cache_len < 2:
@@ -172,22 +175,29 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One scheduler step: drop cancelled requests, prefill newcomers into free rows, then one
-        decode step over every running row."""
+        """One scheduler step: drop cancelled requests, admit newcomers into free rows, prefill one
+        chunk of every prompt still being prefilled, then one decode step over every running row."""
         for i, request in enumerate(self.rows):
             if request is not None and request.cancelled:
                 self._finish(i, request, None)
         self._admit()
-        active = [i for i, r in enumerate(self.rows) if r is not None]
-        if not active:
+        for i, request in enumerate(self.rows):
+            if request is not None and request._filled < len(request.prompt):
+                self._prefill_chunk(i, request)
+        rows = [(i, r) for i, r in enumerate(self.rows) if r is not None]
+        decoding = [i for i, r in rows if r._filled == len(r.prompt)]
+        if not decoding:
             return
-        # The step covers rows 0..last active (rows are filled lowest first); idle rows in between
-        # decode a dummy token at slot 0, which the next prefill into that row overwrites.
-        width = active[-1] + 1
+        # The step covers rows 0..last running one (rows are filled lowest first). The others decode
+        # a dummy token at a slot their next write overwrites before anything reads it: slot 0 of an
+        # idle row (its next prefill starts there), the next prompt slot of a row being prefilled.
+        width = rows[-1][0] + 1
         tokens, positions = [0] * width, [0] * width
-        for i in active:
-            request = self.rows[i]
-            tokens[i], positions[i] = request._last, len(request.prompt) + len(request.tokens) - 1
+        for i, request in rows:
+            if i in decoding:
+                tokens[i], positions[i] = request._last, len(request.prompt) + len(request.tokens) - 1
+            else:
+                positions[i] = request._filled
         try:
             # kv_len from the host's own positions: no read-back, and on a GPU no attention over
             # the whole --max-seq-len cache.
@@ -195,10 +205,10 @@ class Engine:
                                 torch.tensor(positions, device=self.device)[:, None], validate=False,
                                 kv_len=max(positions) + 1)[:, -1].float()
         except Exception as e:  # noqa: BLE001 - the server must outlive a failed step; its requests fail
-            for i in active:
+            for i in decoding:
                 self._fail(i, self.rows[i], e, "decode step")
             return
-        for i in active:
+        for i in decoding:
             self._accept(i, self.rows[i], logits[i:i + 1])
 
     def _fail(self, row: int | None, request: Request, e: Exception, what: str) -> None:
@@ -214,25 +224,31 @@ class Engine:
             if request.cancelled:
                 self._finish(None, request, None)
                 continue
-            row = self.rows.index(None)
-            self.rows[row] = request
-            try:
-                logits = self._prefill(row, request)
-            except Exception as e:  # noqa: BLE001 - one bad request must not disturb the others
-                self._fail(row, request, e, "prefill")
-                continue
-            self._accept(row, request, logits)
+            sampling = request.sampling
+            request._text = TextStream(self.tokenizer, request.stop)
+            if sampling.seed is not None and not sampling.greedy:
+                request._generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+            if sampling.repetition_penalty != 1.0:
+                ids = torch.tensor([request.prompt], device=self.device)
+                request._seen = seen_tokens(ids, torch.ones_like(ids), self.model.config.vocab_size)
+            self.rows[self.rows.index(None)] = request
 
-    def _prefill(self, row: int, request: Request) -> torch.Tensor:
-        sampling = request.sampling
-        request._text = TextStream(self.tokenizer, request.stop)
-        if sampling.seed is not None and not sampling.greedy:
-            request._generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
-        ids = torch.tensor([request.prompt], device=self.device)
-        if sampling.repetition_penalty != 1.0:
-            request._seen = seen_tokens(ids, torch.ones_like(ids), self.model.config.vocab_size)
-        return self.model(ids, torch.arange(ids.shape[1], device=self.device), last_only=True, validate=False,
-                          cache_rows=torch.tensor([row], device=self.device))[:, -1].float()
+    def _prefill_chunk(self, row: int, request: Request) -> None:
+        """Write the next `prefill_chunk` prompt tokens into the request's row (a long prompt takes
+        several steps, so the running requests keep decoding meanwhile); the last chunk's logits
+        give the first token."""
+        start = request._filled
+        end = min(start + self.prefill_chunk, len(request.prompt))
+        try:
+            logits = self.model(torch.tensor([request.prompt[start:end]], device=self.device),
+                                torch.arange(start, end, device=self.device), last_only=True, validate=False,
+                                cache_rows=torch.tensor([row], device=self.device))[:, -1].float()
+        except Exception as e:  # noqa: BLE001 - one bad request must not disturb the others
+            self._fail(row, request, e, "prefill")
+            return
+        request._filled = end
+        if end == len(request.prompt):
+            self._accept(row, request, logits)
 
     def _accept(self, row: int, request: Request, logits: torch.Tensor) -> None:
         """Sample the request's next token from its logits [1, V]; emit its text; end it when it is done."""

@@ -326,3 +326,30 @@ def test_a_failing_request_fails_alone(server: Running, monkeypatch: pytest.Monk
     assert "probability tensor" in error["message"] and error["type"] == "server_error"
     r = server.client.completions.create(model=NAME, prompt="fine", temperature=0, max_tokens=6)
     assert r.choices[0].text == server.alone(server.tokenizer("fine").input_ids, 6)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(tiny_chat_dir: Path) -> None:
+    """prefill_chunk: a long prompt enters the cache a chunk per step; the running request keeps
+    getting tokens meanwhile, and both end as they do alone."""
+    from minillama.engine import Request
+    from minillama.generate import SamplingConfig
+
+    model = minillama.from_pretrained(tiny_chat_dir, dtype="float32")
+    tok = minillama.load_tokenizer(tiny_chat_dir)
+    short, long = [5, 6, 7], [(i * 7) % 250 for i in range(300)]
+    alone = [generate(model, [p], 20, eos_token_id=[])[0, len(p):].tolist() for p in (short, long)]
+    engine = Engine(model, tok, max_batch=2, max_seq_len=512, prefill_chunk=64)
+    engine.eos = set()
+    order: list[str] = []
+    first = Request(short, 20, SamplingConfig(), on_event=lambda e: order.append("short"))
+    engine.submit(first)
+    engine.step()
+    second = Request(long, 20, SamplingConfig(), on_event=lambda e: order.append("long"))
+    engine.submit(second)
+    for _ in range(4):  # 300 tokens in chunks of 64: four steps without a first token
+        engine.step()
+        assert second.first_token is None and second._filled < len(long)
+    while engine.running or engine.waiting:
+        engine.step()
+    assert first.tokens == alone[0] and second.tokens == alone[1]
+    assert order.index("long") > 4  # the short request got text while the long prompt was prefilled
