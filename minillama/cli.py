@@ -253,15 +253,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise MinillamaError("serving needs FastAPI and uvicorn: pip install 'minillama[serve]'") from None
-    if args.max_batch < 1 or args.max_queue < 0 or args.prefill_chunk < 1:
-        raise GenerationError(f"--max-batch and --prefill-chunk must be >= 1 and --max-queue >= 0, got "
-                              f"{args.max_batch}, {args.prefill_chunk} and {args.max_queue}")
-    if args.max_seq_len is not None and args.max_seq_len < 2:
-        raise GenerationError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
-    model, tokenizer = _load(args)
     from .assets import SMOLLM2_NAME
-    from .engine import Engine
+    from .engine import Engine, check_settings
     from .serve import serve
+
+    check_settings(args.max_batch, args.max_queue, args.max_seq_len, args.prefill_chunk)  # before the load
+    model, tokenizer = _load(args)
 
     name = args.served_model_name or (args.model.rstrip("/") if args.model else SMOLLM2_NAME)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,

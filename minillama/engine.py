@@ -26,7 +26,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import GenerationError
-from .generate import SamplingConfig, TextStream, eos_ids, process_logits, sample, seen_tokens
+from .generate import (SamplingConfig, TextStream, check_count, check_stop_strings, eos_ids, process_logits, sample,
+                       seen_tokens)
 from .model import Transformer, check_token_ids
 
 log = logging.getLogger("minillama.engine")
@@ -74,19 +75,24 @@ class Request:
     _filled: int = 0  # prompt tokens already in the cache (a long prompt is prefilled in chunks)
 
 
+def check_settings(max_batch: int, max_queue: int, max_seq_len: int | None, prefill_chunk: int) -> None:
+    """GenerationError naming the first engine setting out of range (the CLI calls it before loading)."""
+    check_count(max_batch, "max_batch")
+    check_count(max_queue, "max_queue", least=0)
+    check_count(prefill_chunk, "prefill_chunk")
+    if max_seq_len is not None:
+        check_count(max_seq_len, "max_seq_len", least=2)
+
+
 class Engine:
     """The scheduler: a bounded queue of requests, `max_batch` cache rows, one decode step for all."""
 
     def __init__(self, model: Transformer, tokenizer: Any, *, max_batch: int = 8, max_queue: int = 64,
                  max_seq_len: int | None = None, prefill_chunk: int = 512) -> None:
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise GenerationError(f"max_batch and prefill_chunk must be >= 1 and max_queue >= 0, got "
-                                  f"{max_batch}, {prefill_chunk} and {max_queue}")
+        check_settings(max_batch, max_queue, max_seq_len, prefill_chunk)
         self.prefill_chunk = prefill_chunk
         context = model.config.max_position_embeddings
         self.cache_len = min(max_seq_len or context, context)
-        if self.cache_len < 2:
-            raise GenerationError(f"max_seq_len must be >= 2, got {max_seq_len}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.eos = set(eos_ids(model, tokenizer))
@@ -111,9 +117,7 @@ class Engine:
                                   "tokens, leaving no room to generate")
         if max_tokens is None:
             return room
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise GenerationError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
-        if max_tokens > room:
+        if check_count(max_tokens, "max_tokens") > room:
             raise GenerationError(f"the context is {self.cache_len} tokens; the prompt has {len(prompt)} and "
                                   f"max_tokens asks for {max_tokens} more (at most {room})")
         return max_tokens
@@ -121,7 +125,7 @@ class Engine:
     def submit(self, request: Request) -> None:
         """Queue a request (checked with `check` first); QueueFull when the queue is at its bound."""
         request.max_tokens = self.check(request.prompt, request.max_tokens)
-        TextStream(self.tokenizer, request.stop)  # stop strings are checked now, not on the engine thread
+        check_stop_strings(request.stop)  # now, not on the engine thread
         with self._wake:
             if self._stopping:
                 raise QueueFull("the server is shutting down")

@@ -288,6 +288,13 @@ def decode_tokens(
                       validate=False, **extra)[:, -1].float()
 
 
+def check_count(value: Any, name: str, least: int = 1) -> int:
+    """`value` when it is an integer >= least, else GenerationError naming it (a bool is no count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise GenerationError(f"{name} must be an integer >= {least}, got {value!r}")
+    return value
+
+
 def check_stop_strings(stops: Sequence[str] | str) -> list[str]:
     """The stop strings as a list; GenerationError for an empty one (it would match before any text)."""
     stops = [stops] if isinstance(stops, str) else list(stops)
@@ -377,8 +384,7 @@ def generate_tokens(
     any compute.
     """
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_count(max_new_tokens, "max_new_tokens")
     if eos_token_id is None:
         eos = eos_ids(model, tokenizer)
     else:
@@ -405,8 +411,7 @@ def generate_tokens(
         # On a GPU a host read per token stalls the queue of kernels; on a CPU it costs nothing.
         # Stop strings are checked on the host text every token anyway.
         sync_every = 1 if stop or model.input_device.type == "cpu" else SYNC_EVERY_GPU
-    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
-        raise GenerationError(f"sync_every must be an integer >= 1, got {sync_every!r}")
+    check_count(sync_every, "sync_every")
     # Never run past the context the model was trained for.
     max_new_tokens = min(max_new_tokens, context - ids.shape[1])
     tokens = decode_tokens(model, ids, mask, max_new_tokens, sampling, eos, pad_token_id, should_stop, step_fn,

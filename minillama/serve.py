@@ -42,9 +42,11 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
+    def payload(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status, content={"error": {
-            "message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+        return JSONResponse(status_code=self.status, content=self.payload())
 
 
 class StreamOptions(BaseModel):
@@ -285,15 +287,10 @@ class Server:
                 continue
             pieces.append(event.text)
             if event.finish_reason is not None:
-                self._raise_if_failed(event)
+                failure = _failure(event)
+                if failure is not None:
+                    raise failure
                 return "".join(pieces)
-
-    @staticmethod
-    def _raise_if_failed(event: Event) -> None:
-        if event.finish_reason == "cancelled":
-            raise APIError(503, "the server is shutting down", code="shutting_down", kind="server_error")
-        if event.finish_reason == "error":
-            raise APIError(500, f"generation failed: {event.error}", kind="server_error")
 
     async def _stream(self, request: Request, queue: asyncio.Queue, kind: str, rid: str,
                       include_usage: bool) -> AsyncIterator[str]:
@@ -303,11 +300,9 @@ class Server:
                 yield _sse(self._chunk(kind, rid, {"role": "assistant", "content": ""}))
             while True:
                 event: Event = await queue.get()
-                if event.finish_reason in ("cancelled", "error"):
-                    try:
-                        self._raise_if_failed(event)
-                    except APIError as e:
-                        yield _sse({"error": {"message": e.message, "type": e.kind, "param": None, "code": e.code}})
+                failure = _failure(event)
+                if failure is not None:  # the status line went out already: the error is an event
+                    yield _sse(failure.payload())
                     break
                 if event.text:
                     yield _sse(self._chunk(kind, rid, {"content": event.text} if kind == "chat" else event.text))
@@ -342,6 +337,15 @@ class Server:
         ttft = f"{(request.first_token - request.submitted) * 1e3:.0f} ms" if request.first_token else "-"
         log.info("%s: %d prompt + %d new tokens, %s, first token %s, %.2f s", rid, len(request.prompt),
                  len(request.tokens), request.finish_reason or "cancelled", ttft, end - request.submitted)
+
+
+def _failure(event: Event) -> APIError | None:
+    """The error a request that ended this way answers with (None: it completed)."""
+    if event.finish_reason == "cancelled":
+        return APIError(503, "the server is shutting down", code="shutting_down", kind="server_error")
+    if event.finish_reason == "error":
+        return APIError(500, f"generation failed: {event.error}", kind="server_error")
+    return None
 
 
 def _usage(request: Request) -> dict[str, int]:
