@@ -10,9 +10,11 @@ stored under the minillama cache; a later process loads it in well under a secon
 hundreds of MB to a temporary directory every time (1.5 s for SmolLM2 bf16, measured).
 
 The KV cache is an input of the exported step, written in place, so the eager prefill and the
-packaged step share the model's own cache tensors. A package holds frozen weights, so its key
-hashes everything it depends on: the weights' bytes, the config, the cache shape, minillama's
-model code, the torch version and the CPU; anything else is a new key, never a stale package.
+packaged step share the model's own cache tensors. A prefill (compile="all") is exported the
+same way with the prompt's length as a dynamic dimension: one library serves every length. A
+package holds frozen weights, so its key hashes everything it depends on: the weights' bytes, the
+config, the cache shape, minillama's model code, the torch version and the CPU; anything else is
+a new key, never a stale package.
 """
 
 from __future__ import annotations
@@ -93,30 +95,47 @@ def _caches(model: nn.Module) -> list[torch.Tensor]:
 
 
 class _Step(nn.Module):
-    """The decode step as export sees it: the KV caches come in as inputs (written in place)."""
+    """A decode step or a prefill as export sees it: the KV caches come in as inputs (written in place)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, kind: str) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.kind = model, kind
         self.names = _cache_names(model)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
                 padding_mask: torch.Tensor, caches: list[torch.Tensor]) -> torch.Tensor:
-        return torch.func.functional_call(
-            self.model, dict(zip(self.names, caches)), (tokens, input_pos),
-            {"position_ids": position_ids, "padding_mask": padding_mask, "validate": False}, strict=False)
+        options: dict[str, Any] = {"position_ids": position_ids, "padding_mask": padding_mask, "validate": False}
+        if self.kind == "prefill":
+            # kv_len is the prompt's own length, so it stays the same symbol as the dynamic dimension
+            # (a number passed in would be a second symbol, and every comparison a guard).
+            options.update(last_only=True, kv_len=tokens.shape[1])
+        return torch.func.functional_call(self.model, dict(zip(self.names, caches)), (tokens, input_pos), options,
+                                          strict=False)
 
 
-def build_library(model: nn.Module, path: Path, example: tuple[torch.Tensor, ...]) -> None:
-    """Export the decode step for these example inputs and compile it, frozen, into the shared
-    library `path` (written atomically)."""
+def prefill_lengths(model: nn.Module) -> tuple[int, int]:
+    """The prompt lengths one compiled prefill covers: from 2 (one token is a decode step's shape) to
+    one short of the cache (a prompt always leaves a slot to generate into; a full cache would also
+    make the slice of written slots a special case)."""
+    return 2, model.cache_len - 1
+
+
+def build_library(model: nn.Module, path: Path, example: tuple[torch.Tensor, ...], kind: str = "decode") -> None:
+    """Export the decode step (or, kind="prefill", the prefill for every prompt length) for these
+    example inputs and compile it, frozen, into the shared library `path` (written atomically)."""
     caches = [torch.zeros_like(t) for t in _caches(model)]  # inputs must not alias the model's buffers
+    dynamic = None
+    if kind == "prefill":
+        low, high = prefill_lengths(model)
+        seq = torch.export.Dim("prompt_len", min=low, max=high)
+        dynamic = ({1: seq}, {0: seq}, {1: seq}, None, [None] * len(caches))
     package = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
     tmp = package.with_suffix(".so")
     try:
         # Freezing (weights as constants, prepacked) applies only to graphs compiled without grad.
         with torch.no_grad():
-            program = torch.export.export(_Step(model).eval(), (*example, caches), strict=False)
+            program = torch.export.export(_Step(model, kind).eval(), (*example, caches), dynamic_shapes=dynamic,
+                                          strict=False)
             torch._inductor.aoti_compile_and_package(program, package_path=str(package),
                                                      inductor_configs={"freezing": True})
         with zipfile.ZipFile(package) as archive:
@@ -131,25 +150,26 @@ def build_library(model: nn.Module, path: Path, example: tuple[torch.Tensor, ...
         tmp.unlink(missing_ok=True)
 
 
-def _evict(folder: Path, keep: int) -> None:
-    packages = sorted(folder.glob("decode-*.so"), key=lambda p: p.stat().st_mtime, reverse=True)
+def _evict(folder: Path, kind: str, keep: int) -> None:
+    packages = sorted(folder.glob(f"{kind}-*.so"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in packages[keep:]:
         old.unlink(missing_ok=True)
 
 
 class PackagedStep:
-    """compile=True's decode step on a CPU: one AOTInductor library per (batch, cache shape),
-    loaded from the cache ($MINILLAMA_COMPILE_CACHE, default the minillama cache's compiled/) or
-    compiled and stored there on first use.
+    """compile=True's decode step on a CPU (kind="prefill": the compiled prefill): one AOTInductor
+    library per (batch, cache shape), loaded from the cache ($MINILLAMA_COMPILE_CACHE, default the
+    minillama cache's compiled/) or compiled and stored there on first use.
 
     `status` says what the last new shape did: "loaded" (from the cache), "compiled" (and
     cached) or "fallback" (packaging failed on this model or torch; torch.compile runs instead).
     """
 
-    def __init__(self, model: nn.Module, fallback: Callable[[], Callable[..., torch.Tensor]]) -> None:
+    def __init__(self, model: nn.Module, fallback: Callable[[], Callable[..., torch.Tensor]],
+                 kind: str = "decode") -> None:
         from .assets import cache_dir
 
-        self.model, self.fallback = model, fallback
+        self.model, self.fallback, self.kind = model, fallback, kind
         self.folder = Path(os.environ.get("MINILLAMA_COMPILE_CACHE") or cache_dir() / "compiled")
         self.runners: dict[tuple[int, ...], Any] = {}
         self.status: str | None = None
@@ -157,23 +177,33 @@ class PackagedStep:
 
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, *, position_ids: torch.Tensor,
                  padding_mask: torch.Tensor, validate: bool = False) -> torch.Tensor:
-        if self._fallback_step is not None:
+        inputs = (tokens, input_pos, position_ids, padding_mask)
+        runner = self.prepare(*inputs)
+        if runner is None:
             return self._fallback_step(tokens, input_pos, position_ids=position_ids, padding_mask=padding_mask,
                                        validate=False)
-        shape = (tokens.shape[0], *self.model.kv_cache.k.shape)
-        runner = self.runners.get(shape)
-        if runner is None:
+        return runner.run([*inputs, *_caches(self.model)])[0]
+
+    def prepare(self, *example: torch.Tensor) -> Any:
+        """The library for these inputs' shapes, loaded or compiled now if it is not yet; None once
+        packaging has failed and the fallback runs instead (prepared too, where it can be)."""
+        if self._fallback_step is None:
+            shape = (example[0].shape[0], *self.model.kv_cache.k.shape)
             try:
-                runner = self.runners[shape] = self._runner(tokens, input_pos, position_ids, padding_mask)
+                if shape not in self.runners:
+                    self.runners[shape] = self._runner(*example)
+                return self.runners[shape]
             except Exception as e:  # noqa: BLE001 - export/AOTInductor limits vary by model and torch
-                warnings.warn(f"compiled step: ahead-of-time packaging failed ({type(e).__name__}: "
+                warnings.warn(f"compiled {self.kind}: ahead-of-time packaging failed ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); compiling in-process instead")
                 self.status, self._fallback_step = "fallback", self.fallback()
-                return self(tokens, input_pos, position_ids=position_ids, padding_mask=padding_mask)
-        return runner.run([tokens, input_pos, position_ids, padding_mask, *_caches(self.model)])[0]
+        prepare = getattr(self._fallback_step, "prepare", None)
+        if prepare is not None:
+            prepare(*example)
+        return None
 
     def _runner(self, *example: torch.Tensor) -> Any:
-        path = self.folder / f"decode-{step_key(self.model, example[0].shape[0])}.so"
+        path = self.folder / f"{self.kind}-{step_key(self.model, example[0].shape[0])}.so"
         if path.is_file():
             try:
                 runner = _runtime().AOTIModelContainerRunnerCpu(str(path), 1)
@@ -183,7 +213,7 @@ class PackagedStep:
             except Exception as e:  # noqa: BLE001 - a damaged file is rebuilt, not fatal
                 log.warning("%s: cannot load (%s); compiling again", path, e)
         self.folder.mkdir(parents=True, exist_ok=True)
-        build_library(self.model, path, example)
-        _evict(self.folder, KEEP)
+        build_library(self.model, path, example, self.kind)
+        _evict(self.folder, self.kind, KEEP)
         self.status = "compiled"
         return _runtime().AOTIModelContainerRunnerCpu(str(path), 1)

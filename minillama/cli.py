@@ -104,20 +104,24 @@ def _stream_reply(model: Any, tokenizer: Any, ids: list[int], args: argparse.Nam
         if not quiet:
             print(flush=True)
     if args.stats and not quiet:
-        compiled = args.compile and (getattr(model.__dict__.get("_compiled_step"), "status", None) or True)
-        print(format_stats(stats, getattr(args, "load_s", None), compiled), file=sys.stderr)
+        compiled = [bool(args.compile) and (getattr(model.__dict__.get(key), "status", None) or True)
+                    for key in ("_compiled_step", "_compiled_prefill")]
+        print(format_stats(stats, getattr(args, "load_s", None), *compiled), file=sys.stderr)
         args.load_s = None  # a chat loads once: later turns report no load time
     return "".join(pieces)
 
 
 COMPILE_NOTES = {True: " (compile)", "compiled": " (compiled, and cached for the next run)",
-                 "loaded": " (compiled step loaded from the cache)", "fallback": " (compile, in-process)"}
+                 "loaded": " (loaded from the cache)", "fallback": " (compile, in-process)"}
 
 
-def format_stats(stats: Any, load_s: float | None, compiled: bool | str) -> str:
-    """One line: load, prefill, first decode step (compile/warm-up) and steady decode, each apart.
-    compiled: False, True, or what the compiled step did (aot.PackagedStep.status)."""
+def format_stats(stats: Any, load_s: float | None, compiled: bool | str, prefill_compiled: bool | str = False) -> str:
+    """One line: load, prefill (and its compilation), first decode step (compile/warm-up) and
+    steady decode, each apart. compiled, prefill_compiled: False, True, or what the compiled decode
+    step / prefill did (aot.PackagedStep.status)."""
     parts = [f"load {load_s:.2f} s"] if load_s is not None else []
+    if stats.prefill_compile_s:
+        parts.append(f"prefill compile {stats.prefill_compile_s:.2f} s" + COMPILE_NOTES.get(prefill_compiled, ""))
     parts.append(f"prefill {stats.prompt_tokens} tokens in {stats.prefill_s:.2f} s ({stats.prefill_tok_s:.0f} tok/s)")
     if stats.new_tokens > 1:
         parts.append(f"first decode step {stats.warmup_s:.2f} s" + COMPILE_NOTES.get(compiled, ""))
@@ -353,10 +357,13 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system message (chat template only)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="use the tokenizer's chat template (default: when it has one)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decode step (CPU: ~45 s the first time, then loaded from the cache in < 1 s)")
+    p.add_argument("--compile", nargs="?", const=True, default=False, choices=("decode", "all"),
+                   help="compile the decode step, and on a GPU the prefill too (CPU: ~45 s the first time, then "
+                        "loaded from the cache in < 1 s); --compile all: the prefill on a CPU as well (one "
+                        "compilation for every prompt length); --compile decode: the decode step only")
     p.add_argument("--stats", action="store_true",
-                   help="print load time, prefill, first decode step (compile) and decode speed to stderr")
+                   help="print load time, prefill (and its compilation), first decode step (compile) and decode "
+                        "speed to stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ would produce alone.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -21,6 +22,10 @@ from .model import Transformer, check_token_ids
 CACHE_ROUND = 256
 # Tokens between checks of "every row done" on a GPU (each check is a host synchronisation).
 SYNC_EVERY_GPU = 16
+# generate(compile=...): what each value compiles. True: the decode step everywhere, and the prefill
+# where its compilation pays for itself (a GPU; on a CPU it doubles the first start and keeps a
+# second frozen copy of the weights for 1.05-1.25x on the prompt: docs/benchmarks.md).
+COMPILE_MODES = {False: (), "decode": ("decode",), "all": ("decode", "prefill")}
 
 
 @dataclass
@@ -61,10 +66,12 @@ class GenerationStats:
     """Where a generate call's time went, filled in as it runs (pass `stats=GenerationStats()`).
 
     The first decode step is timed apart: with compile=True it is where compilation happens (and
-    on any device where caches warm up), so it never dilutes the decode rate.
+    on any device where caches warm up), so it never dilutes the decode rate. A compiled prefill is
+    compiled (or loaded) before the prompt's clock starts: that time is `prefill_compile_s`.
     """
 
     prompt_tokens: int = 0
+    prefill_compile_s: float = 0.0  # compiling or loading the compiled prefill (0 when it was ready)
     prefill_s: float = 0.0  # the prompt's forward pass and the first sampled token
     warmup_s: float = 0.0  # the first decode step (compilation, when compiling)
     decode_s: float = 0.0  # every later decode step
@@ -195,11 +202,13 @@ def decode_tokens(
     step_fn: Callable[..., torch.Tensor] | None = None,
     stats: GenerationStats | None = None,
     sync_every: int = 1,
+    prefill_fn: Any = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [B] per step; finished rows get `pad_id`.
 
     should_stop(tokens [B]) -> bool [B] adds stop conditions beyond EOS (stop strings).
     step_fn replaces `model` for the one-token decode step (a compiled version of it).
+    prefill_fn replaces it for prompts of two tokens or more (what compile_prefill returns).
     stats, when given, is filled with the time of each phase (model time only, not the caller's).
     sync_every: check whether every row is done once per this many tokens (tokens then arrive in
     bursts); the tokens yielded are the same for any value.
@@ -232,13 +241,24 @@ def decode_tokens(
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     step = step_fn if step_fn is not None else model
 
+    # Padding slots are masked out; any valid id will do there, whatever the pad id is.
+    prompt = (input_ids.masked_fill(attention_mask == 0, 0), torch.arange(prompt_len, device=device), positions)
+    compiled_prefill = prefill_fn is not None and prompt_len >= 2
+    if compiled_prefill:
+        # One compiled graph serves padded and unpadded batches, so it always gets the mask.
+        start = _clock(device)
+        prefill_fn.prepare(*prompt, padding_mask)
+        if stats is not None:
+            stats.prefill_compile_s += _clock(device) - start
     if stats is not None:
         stats.prompt_tokens, start = prompt_len, _clock(device)
-    # Padding slots are masked out; any valid id will do there, whatever the pad id is. validate=False:
-    # generate_tokens checked the prompt's ids, and the cache was sized above.
-    logits = model(input_ids.masked_fill(attention_mask == 0, 0), torch.arange(prompt_len, device=device),
-                   position_ids=positions, padding_mask=padding_mask if has_padding else None,
-                   last_only=True, validate=False)[:, -1].float()
+    if compiled_prefill:
+        logits = prefill_fn(*prompt[:2], position_ids=positions, padding_mask=padding_mask)
+    else:
+        # validate=False: generate_tokens checked the prompt's ids, and the cache was sized above.
+        logits = model(*prompt[:2], position_ids=positions, padding_mask=padding_mask if has_padding else None,
+                       last_only=True, validate=False)
+    logits = logits[:, -1].float()
     # The decode step's slot and positions live on the device and advance in place: a new
     # torch.tensor([pos]) per step would be a host-to-device copy, which waits for the GPU.
     slot = torch.tensor([prompt_len - 1], device=device)
@@ -374,7 +394,7 @@ def generate_tokens(
     stop: Sequence[str] | None = None,
     tokenizer: Any = None,
     step_fn: Callable[..., torch.Tensor] | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     stats: GenerationStats | None = None,
     sync_every: int | None = None,
 ) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
@@ -405,8 +425,10 @@ def generate_tokens(
     if stop and tokenizer is None:
         raise GenerationError("stop strings need a tokenizer: pass tokenizer=...")
     should_stop = StopStrings(tokenizer, stop, ids.shape[0]) if stop else None
-    if compile and step_fn is None:
-        step_fn = _compiled_step(model)
+    parts = compile_parts(compile, model.input_device)
+    if "decode" in parts and step_fn is None:
+        step_fn = _compiled(model, "decode")
+    prefill_fn = _compiled(model, "prefill") if "prefill" in parts else None
     if sync_every is None:
         # On a GPU a host read per token stalls the queue of kernels; on a CPU it costs nothing.
         # Stop strings are checked on the host text every token anyway.
@@ -415,7 +437,7 @@ def generate_tokens(
     # Never run past the context the model was trained for.
     max_new_tokens = min(max_new_tokens, context - ids.shape[1])
     tokens = decode_tokens(model, ids, mask, max_new_tokens, sampling, eos, pad_token_id, should_stop, step_fn,
-                           stats, sync_every)
+                           stats, sync_every, prefill_fn)
     return ids, tokens
 
 
@@ -428,7 +450,8 @@ def generate(
     lengths. Options (see generate_tokens): temperature (0: greedy), top_k, top_p, min_p,
     repetition_penalty, seed, eos_token_id (None: every EOS id of the checkpoint; []: never stop
     early), attention_mask, pad_token_id (fills rows that finished early), stop (strings; needs
-    tokenizer), tokenizer, compile (compile the decode step, cached on the model), step_fn
+    tokenizer), tokenizer, compile (True: the decode step, and on a GPU the prefill too; "decode";
+    "all": both; compiled code is cached on the model), step_fn
     (a decode step of your own), stats (a GenerationStats to fill with per-phase timings),
     sync_every (tokens between host checks for "all rows done"; default 1 on a CPU, 16 on a GPU).
     """
@@ -457,12 +480,23 @@ def stream(
             yield piece
 
 
-def _compiled_step(model: Transformer) -> Callable[..., torch.Tensor]:
-    # Cached on the model so repeated generate(compile=True) calls compile once.
-    step = model.__dict__.get("_compiled_step")
-    if step is None:
-        step = model.__dict__["_compiled_step"] = compile_decode_step(model)
-    return step
+def compile_parts(compile: bool | str, device: torch.device) -> tuple[str, ...]:
+    """What generate(compile=...) compiles on this device: a tuple of "decode" and "prefill" (None: nothing)."""
+    if compile is True:
+        return COMPILE_MODES["all" if device.type == "cuda" else "decode"]
+    if compile is None:
+        return ()
+    if compile is not False and not (isinstance(compile, str) and compile in COMPILE_MODES):
+        raise GenerationError(f"compile must be True, False, 'decode' or 'all', got {compile!r}")
+    return COMPILE_MODES[compile]
+
+
+def _compiled(model: Transformer, part: str) -> Any:
+    # Cached on the model so repeated generate(compile=...) calls compile once.
+    key = f"_compiled_{'step' if part == 'decode' else part}"
+    if key not in model.__dict__:
+        model.__dict__[key] = compile_decode_step(model) if part == "decode" else compile_prefill(model)
+    return model.__dict__[key]
 
 
 def compile_decode_step(model: Transformer) -> Callable[..., torch.Tensor]:
@@ -487,22 +521,79 @@ def compile_decode_step(model: Transformer) -> Callable[..., torch.Tensor]:
     return _torch_compiled_step(model)
 
 
+def compile_prefill(model: Transformer) -> Any:
+    """Compile the prefill once for every prompt length (2 to the cache length - 1): the prompt's
+    dimension is dynamic, so a new length is no new compilation. As for the decode step: frozen and
+    cached on disk on a CPU (an AOTInductor library, minillama/aot.py), torch.compile'd elsewhere;
+    None (eager) for dynamic NTK RoPE. Its prepare(ids, input_pos, position_ids, padding_mask)
+    compiles or loads what those shapes need, so that generate can time that apart."""
+    if model.config.rope.rope_type == "dynamic":
+        return None
+    from . import aot
+    from .linear import unpack_model
+
+    unpack_model(model)
+    if aot.supported(model):
+        return aot.PackagedStep(model, fallback=lambda: _TorchCompiledPrefill(model), kind="prefill")
+    return _TorchCompiledPrefill(model)
+
+
+def _frozen(model: Transformer) -> contextlib.AbstractContextManager:
+    """Inductor's freezing on a CPU (weights folded as constants and prepacked for oneDNN).
+    Compilation is lazy (first call, and each new shape), so the setting must be live at call time;
+    torch.compile(options={"freezing": True}) is not honoured for it."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(freezing=True) if model.input_device.type == "cpu" else contextlib.nullcontext()
+
+
+class _TorchCompiledPrefill:
+    """The prefill torch.compile'd in-process, its prompt dimension marked dynamic: frozen on a CPU,
+    plain Inductor kernels on a GPU (a prefill is compute-bound: CUDA graphs would need one graph
+    per length and save only launches)."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+        self.compiled = torch.compile(self._forward, fullgraph=True)
+        self.ready: set[tuple[int, ...]] = set()
+
+    def _forward(self, ids: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
+                 padding_mask: torch.Tensor) -> torch.Tensor:
+        # kv_len from the prompt's own length: one symbol with the dynamic dimension, not a second one.
+        return self.model(ids, input_pos, position_ids=position_ids, padding_mask=padding_mask, last_only=True,
+                          validate=False, kv_len=ids.shape[1])
+
+    def __call__(self, ids: torch.Tensor, input_pos: torch.Tensor, *, position_ids: torch.Tensor,
+                 padding_mask: torch.Tensor, **_: Any) -> torch.Tensor:
+        from .aot import prefill_lengths
+
+        low, high = prefill_lengths(self.model)
+        for t in (ids, input_pos, position_ids):
+            torch._dynamo.mark_dynamic(t, t.dim() - 1, min=low, max=high)
+        with _frozen(self.model):
+            return self.compiled(ids, input_pos, position_ids, padding_mask)
+
+    def prepare(self, ids: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
+                padding_mask: torch.Tensor) -> None:
+        """Compile for this batch and cache shape now (by running once), unless done before."""
+        key = (ids.shape[0], *self.model.kv_cache.k.shape)
+        if key not in self.ready:
+            self(ids, input_pos, position_ids=position_ids, padding_mask=padding_mask)
+            self.ready.add(key)
+
+
 def _torch_compiled_step(model: Transformer) -> Callable[..., torch.Tensor]:
     """torch.compile in-process: frozen on a CPU; on a GPU replayed as a CUDA graph
     ("reduce-overhead": one launch per token instead of hundreds; its inputs are copied into the
     graph's static buffers, the KV cache is a module buffer the graph writes in place). A new
     batch size or cache length is a new graph; cache lengths are rounded to CACHE_ROUND."""
-    import torch._inductor.config as inductor_config
-
     gpu = model.input_device.type == "cuda"
     compiled = torch.compile(model, fullgraph=True, dynamic=False, mode="reduce-overhead" if gpu else None)
     if gpu:
         return compiled  # freezing buys a GPU little, and would pin the weights into the graph
 
     def step(*args: Any, **kwargs: Any) -> torch.Tensor:
-        # Compilation is lazy (first call, and each new shape), so the setting must be live at call
-        # time; torch.compile(options={"freezing": True}) is not honoured for it.
-        with inductor_config.patch(freezing=True):
+        with _frozen(model):
             return compiled(*args, **kwargs)
 
     return step

@@ -322,8 +322,9 @@ class Transformer(nn.Module):
         mask = None if unmasked else self._mask(q_pos, kv_len, padding_mask)
         # Unmasked, one query sees every key it is given (SDPA's is_causal would align it to the
         # first key); several start from key 0, where both alignments agree. Decided here, where the
-        # length is a number: inside a compiled block it may be symbolic, and SDPA needs a bool.
-        causal = unmasked and seqlen > 1
+        # length is a number (inside a compiled block it may be symbolic) and made a plain bool even
+        # where it is symbolic here too (a compiled prefill): SDPA takes no SymBool.
+        causal = True if unmasked and seqlen > 1 else False
 
         x = self.embed(input_ids)
         cos, sin = (t.unsqueeze(2) for t in self.rope(position_ids, x.dtype))  # [batch, seq, 1 (heads), dim]

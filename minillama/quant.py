@@ -154,7 +154,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel
-        few_rows = x.numel() < KERNEL_MAX_ROWS * self.in_features
+        # A symbolic row count (a compiled prefill, one graph for every prompt length) takes the
+        # dense path: a branch on it would split that graph in two.
+        few_rows = isinstance(x.numel(), int) and x.numel() < KERNEL_MAX_ROWS * self.in_features
         if kernel is not None and few_rows and not torch.is_grad_enabled() and (
                 torch.compiler.is_compiling() or self._packed_of == (self.weight.data_ptr(), x.device)):
             y = kernel(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features).to(x.dtype)

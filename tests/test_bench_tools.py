@@ -150,3 +150,17 @@ def test_bench_serve_runs_clients_against_a_server(tiny_chat_dir, tmp_path):
     for r in rows:
         assert r["tok_s"] > 0 and 0 < r["ttft_p50_s"] <= r["ttft_p95_s"] <= r["latency_p50_s"] * 10
     assert rows[1]["roofline_tok_s"] == pytest.approx(2 * rows[0]["roofline_tok_s"])  # 2 rows, not 3
+
+
+def test_bench_generate_rows_and_cuda_only_impls(tiny_chat_dir, tmp_path):
+    base = [sys.executable, str(TOOLS / "bench_generate.py"), "--model", str(tiny_chat_dir), "--dtypes", "float32",
+            "--new-tokens", "8", "--prefill", "32", "--repeats", "1"]
+    run = subprocess.run([*base, "--impls", "transformers,minillama", "--json", str(tmp_path / "g.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["transformers", "minillama"] and rows[1]["same_tokens_as_hf"]
+    assert rows[1]["decode_tok_s"][0] > 0 and rows[1]["prefill_tok_s"][0] > 0
+    refused = subprocess.run([*base, "--impls", "transformers,minillama-cudagraph"], capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 1 and "needs CUDA" in refused.stderr

@@ -77,6 +77,7 @@ def short_context_model(smollm2_dir, tmp_path_factory):
     (["--prompt", "hi", "--device", "cuda:3"], "not available"),
     (["--prompt", "hi", "--norm", "nonorm"], "unknown norm 'nonorm'"),
     (["--prompt", "hi", "--top-k", "many"], "invalid int value: 'many'"),
+    (["--prompt", "hi", "--compile", "prefill"], "invalid choice: 'prefill'"),
 ])
 def test_bad_values_exit_2_with_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
@@ -97,3 +98,16 @@ def test_info_and_convert_errors(capsys, tmp_path):
     assert "134,515,008 parameters" in capsys.readouterr().out
     assert main(["convert-gguf", str(tmp_path / "x.gguf"), str(tmp_path / "out")]) == 2
     assert "x.gguf: no such GGUF file" in capsys.readouterr().err
+
+
+def test_stats_line_names_each_phase_and_what_was_compiled():
+    from minillama.cli import format_stats
+    from minillama.generate import GenerationStats
+
+    stats = GenerationStats(prompt_tokens=40, prefill_compile_s=0.31, prefill_s=0.05, warmup_s=0.4, decode_s=1.0,
+                            new_tokens=12)
+    line = format_stats(stats, 2.5, "loaded", "compiled")
+    assert line == ("[load 2.50 s; prefill compile 0.31 s (compiled, and cached for the next run); prefill 40 tokens "
+                    "in 0.05 s (800 tok/s); first decode step 0.40 s (loaded from the cache); 12 new tokens at "
+                    "10.0 tok/s]")
+    assert "prefill compile" not in format_stats(GenerationStats(prompt_tokens=3, prefill_s=0.1), None, False)

@@ -38,11 +38,20 @@ def test_second_process_loads_the_compiled_step(tiny_chat_dir: Path, tmp_path: P
     assert "(compiled, and cached for the next run)" in first.stderr
     assert first.stdout == eager.stdout  # fp32: the compiled step decodes the eager tokens
     second = run_cli(tiny_chat_dir, cache, "--dtype", "float32", "--compile")
-    assert "(compiled step loaded from the cache)" in second.stderr, second.stderr
+    assert "first decode step" in second.stderr and "(loaded from the cache)" in second.stderr, second.stderr
     assert second.stdout == first.stdout
     assert warmup_s(second.stderr) < 5 and warmup_s(second.stderr) < warmup_s(first.stderr) / 3
     libraries = list((cache / "compiled").glob("decode-*.so"))
     assert len(libraries) == 1
+
+    # --compile all adds the prefill (one library for every prompt length), cached the same way
+    with_prefill = run_cli(tiny_chat_dir, cache, "--dtype", "float32", "--compile", "all")
+    assert re.search(r"prefill compile [\d.]+ s \(compiled, and cached", with_prefill.stderr), with_prefill.stderr
+    assert with_prefill.stdout == eager.stdout
+    again = run_cli(tiny_chat_dir, cache, "--dtype", "float32", "--compile", "all")
+    loaded = re.search(r"prefill compile ([\d.]+) s \(loaded from the cache\)", again.stderr)
+    assert loaded and float(loaded.group(1)) < 5 and again.stdout == eager.stdout, again.stderr
+    assert len(list((cache / "compiled").glob("prefill-*.so"))) == 1
 
     other_dtype = run_cli(tiny_chat_dir, cache, "--dtype", "bfloat16", "--compile")
     assert "(compiled, and cached for the next run)" in other_dtype.stderr  # a miss, not the fp32 library

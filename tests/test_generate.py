@@ -212,6 +212,83 @@ def test_compiled_decode_step_gives_the_same_tokens(make_hf):
             assert torch.equal(bursts, every_token), (options, compiled)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("packaged", [True, False], ids=["aot", "in-process"])
+def test_compiled_prefill_is_one_compilation_for_every_prompt_length(make_hf, monkeypatch, tmp_path, packaged):
+    """compile="all": the prefill compiles once per (batch, cache shape), whatever the prompt's length,
+    and gives the eager tokens: ragged batches, a sliding window shorter than the prompts, sampling."""
+    from torch._dynamo.utils import counters
+
+    from minillama import aot
+    from minillama.generate import GenerationStats
+
+    monkeypatch.setenv("MINILLAMA_COMPILE_CACHE", str(tmp_path / "compiled"))
+    if not packaged:
+        monkeypatch.setenv("MINILLAMA_AOT", "0")
+    builds = []
+    build = aot.build_library
+    monkeypatch.setattr(aot, "build_library", lambda *a, **k: builds.append(a[-1]) or build(*a, **k))
+    _, path = make_hf("mistral", num_key_value_heads=2, sliding_window=5, max_position_embeddings=512)
+    model = minillama.from_pretrained(path)
+    for options in ({}, {"temperature": 0.9, "top_k": 20, "seed": 5}):
+        eager = generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0, **options)
+        compiled = generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0, compile="all", **options)
+        assert torch.equal(compiled, eager), options
+    graphs = counters["stats"]["unique_graphs"]
+    # 300 (in-process only, each library costs CI ~10 s): past the cache's first size, which then grows
+    for n in (2, 5, 9, 40) + (() if packaged else (300,)):
+        prompt = [[(7 * i) % 120 + 1 for i in range(n)]]
+        stats = GenerationStats()
+        compiled = generate(model, prompt, 6, eos_token_id=[], compile="all", stats=stats)
+        assert torch.equal(compiled, generate(model, prompt, 6, eos_token_id=[])), n
+        if n == 2:
+            assert stats.prefill_compile_s > stats.prefill_s  # a new batch size: compiled, timed apart
+    # batch 3, then batch 1 (then batch 1 at the grown cache): one prefill each, never one per length
+    if packaged:
+        assert builds.count("prefill") == 2, builds
+    else:
+        assert not builds and counters["stats"]["unique_graphs"] - graphs <= 4  # 2 prefills + 2 decode steps
+
+
+def test_compile_takes_true_false_decode_or_all(make_hf):
+    from minillama.generate import compile_parts
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compile_parts(True, cpu) == ("decode",) and compile_parts(True, cuda) == ("decode", "prefill")
+    assert compile_parts("all", cpu) == ("decode", "prefill") and compile_parts(False, cuda) == ()
+    assert compile_parts(None, cuda) == () and compile_parts("decode", cuda) == ("decode",)
+    _, path = make_hf("llama")
+    model = minillama.from_pretrained(path)
+    for bad in ("yes", 1, 0, "prefill", "ALL"):
+        with pytest.raises(GenerationError, match="compile must be"):
+            generate(model, PROMPTS, 4, compile=bad)
+
+
+def test_explicit_graph_step_replays_static_buffers(make_hf):
+    """CUDAGraphStep's logic on a CPU: inputs copied into static buffers, the step's output read from
+    the static output that each replay overwrites, one capture per (batch, cache); same tokens."""
+    from minillama.cudagraph import CUDAGraphStep
+
+    captures = []
+
+    def capture(run):  # a "graph" that replays by running the step again into the same output
+        out = run()
+        captures.append(out)
+        return out, lambda: out.copy_(run())
+
+    _, path = make_hf("mistral", num_key_value_heads=2, sliding_window=5, max_position_embeddings=512)
+    model = minillama.from_pretrained(path)
+    step = CUDAGraphStep(model, capture=capture)
+    for options in ({}, {"temperature": 0.9, "top_k": 20, "seed": 5}):
+        eager = generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0, **options)
+        assert torch.equal(generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0, step_fn=step, **options),
+                           eager)
+    assert len(captures) == 1
+    long = [[i % 120 + 1 for i in range(300)]]  # the cache grows: a new capture
+    assert torch.equal(generate(model, long, 6, eos_token_id=[], step_fn=step), generate(model, long, 6, eos_token_id=[]))
+    assert len(captures) == 2 and len(step.graphs) == 2
+
+
 def test_sync_every_must_be_a_positive_integer(make_hf):
     _, path = make_hf("llama")
     model = minillama.from_pretrained(path)

@@ -134,7 +134,7 @@ def test_generation_batched_streamed_and_compiled(make_hf, mode):
     for row, prompt in zip(batched, prompts, strict=True):  # ragged batch = each prompt alone
         alone = generate(model, [prompt], 10, eos_token_id=[])[0]
         assert row[-10:].tolist() == alone[-10:].tolist()
-    compiled = generate(model, prompts, 10, eos_token_id=[], compile=True)
+    compiled = generate(model, prompts, 10, eos_token_id=[], compile="all")  # the prefill too
     assert torch.equal(compiled, batched)
     tok = byte_tokenizer()
     streamed = list(stream(model, tok, [5, 9, 3, 7, 1, 2, 8], 10, eos_token_id=[]))

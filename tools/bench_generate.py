@@ -30,8 +30,15 @@ import torch
 from benchutil import decode_rate, median_spread, read_bandwidth, timed
 
 # minillama-plain: eager with ordinary matmuls (prepack=False); minillama: the default eager path
-# (on a CPU, projections prepacked for oneDNN at load); minillama-compiled: the compiled decode step.
-IMPLS = ("transformers", "minillama-plain", "minillama", "minillama-compiled")
+# (on a CPU, projections prepacked for oneDNN at load); minillama-compiled: compile=True (the decode
+# step; on a GPU the prefill too); minillama-compiled-all: compile="all" (decode step and prefill).
+# GPU only, the decode step captured into a CUDA graph by hand (minillama/cudagraph.py), against
+# compile=True's torch.compile(mode="reduce-overhead"): minillama-cudagraph captures the eager step
+# (no compilation), minillama-compiled-cudagraph a torch.compile'd step without CUDA graphs.
+IMPLS = ("transformers", "minillama-plain", "minillama", "minillama-compiled", "minillama-compiled-all",
+         "minillama-cudagraph", "minillama-compiled-cudagraph")
+COMPILE = {"minillama-compiled": True, "minillama-compiled-all": "all"}
+GRAPHS = ("minillama-cudagraph", "minillama-compiled-cudagraph")
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -67,11 +74,18 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     else:
         model = minillama.from_pretrained(model_dir, dtype=dtype, device=device, norm=args.norm,
                                           prepack=False if args.impl == "minillama-plain" else None)
-        compile_step = args.impl == "minillama-compiled"
+        compile_step = COMPILE.get(args.impl, False)
         result["packed_mb"] = packed_bytes(model) / 2**20
+        step_fn = None
+        if args.impl in GRAPHS:
+            from minillama.cudagraph import CUDAGraphStep
+
+            inner = (torch.compile(model, fullgraph=True, dynamic=False) if args.impl == "minillama-compiled-cudagraph"
+                     else None)
+            step_fn = CUDAGraphStep(model, inner)
 
         def run(n: int, ids: torch.Tensor = prompt) -> torch.Tensor:
-            return generate(model, ids, n, eos_token_id=[], compile=compile_step)
+            return generate(model, ids, n, eos_token_id=[], compile=compile_step, step_fn=step_fn)
     result["load_s"] = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
     result["weight_bytes"] = weight_bytes(model)
@@ -106,7 +120,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--impls", default=None, help=f"comma-separated, of {', '.join(IMPLS)} (default: all that "
+                   "apply to the device)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
@@ -126,6 +141,11 @@ def main() -> None:
 
     model_path(args.model)  # convert (or download) once here, not inside a timed worker
     device = torch.device(args.device)
+    impls = args.impls.split(",") if args.impls else [i for i in IMPLS if device.type == "cuda" or i not in GRAPHS]
+    unknown = [i for i in impls if i not in IMPLS] or [i for i in impls if i in GRAPHS and device.type != "cuda"]
+    if unknown:
+        sys.exit(f"--impls: {', '.join(unknown)}: not one of {', '.join(IMPLS)}, or needs CUDA "
+                 f"(CUDA graphs: {', '.join(GRAPHS)})")
     bandwidth = read_bandwidth(device)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
@@ -136,7 +156,7 @@ def main() -> None:
     rows = []
     compile_cache = tempfile.mkdtemp(prefix="bench-generate-compiled-")
     for dtype in args.dtypes.split(","):
-        for impl in args.impls.split(","):
+        for impl in impls:
             cmd = [sys.executable, __file__, "--impl", impl, "--dtype", dtype, "--threads", str(args.threads),
                    "--device", args.device, "--new-tokens", str(args.new_tokens), "--prefill", str(args.prefill),
                    "--repeats", str(args.repeats)] + (["--model", args.model] if args.model else []) \
@@ -145,11 +165,16 @@ def main() -> None:
             # (compiles) and a second start (a new process that loads what the first compiled, see
             # minillama/aot.py); the row is the second's. GPUs compile in-process every time.
             warmups = []
-            for _ in range(2 if impl == "minillama-compiled" and device.type == "cpu" else 1):
+            for _ in range(2 if impl in COMPILE and device.type == "cpu" else 1):
                 out = subprocess.run(cmd, capture_output=True, text=True,
                                      env={**os.environ, "MINILLAMA_COMPILE_CACHE": compile_cache})
                 if out.returncode:
-                    sys.exit(f"worker {impl}/{dtype} failed:\n{out.stderr[-3000:]}")
+                    # One failed row (e.g. a path never run on this machine) keeps the others'.
+                    if impl == "transformers":
+                        sys.exit(f"worker {impl}/{dtype} failed:\n{out.stderr[-3000:]}")
+                    print(f"worker {impl}/{dtype} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+                    row = {"impl": impl, "dtype": dtype, "error": (out.stderr.strip().splitlines() or ["?"])[-1]}
+                    break
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 warmups.append(row["warmup_s"])
             rows.append({**row, "first_start_warmup_s": warmups[0] if len(warmups) == 2 else None})
@@ -160,6 +185,9 @@ def main() -> None:
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
+        if "error" in r:
+            print(f"| {r['dtype']} | {r['impl']} | failed: {r['error'][:120]} |")
+            continue
         ref = next(x for x in rows if x["dtype"] == r["dtype"] and x["impl"] == "transformers")
         roof = bandwidth * 1e9 / r["weight_bytes"]
         pm, pl, ph = r["prefill_tok_s"]

@@ -54,7 +54,8 @@ if [ "$HAS_CUDA" = 1 ]; then
       --json "$OUT/kernels.json" --plot "$OUT/kernels.png"
   step make_model_1b 180 "$PY" tools/make_model.py --shape llama-1b --dtype bfloat16 --out "$OUT/models/llama-1b"
   step bench_norm 240 "$PY" tools/bench_norm.py --quick --model "$OUT/models/llama-1b" --out "$OUT/bench_norm"
-  step bench_generate 300 "$PY" tools/bench_generate.py --model "$OUT/models/llama-1b" --dtypes bfloat16 \
+  step bench_generate 420 "$PY" tools/bench_generate.py --model "$OUT/models/llama-1b" --dtypes bfloat16 \
+      --impls transformers,minillama,minillama-compiled,minillama-cudagraph,minillama-compiled-cudagraph \
       --json "$OUT/generate.json"
   step bench_quant 300 "$PY" tools/bench_quant.py --model "$OUT/models/llama-1b" --modes none,int8,int4-g64 \
       --windows 1 --seq 256 --repeats 2 --corpus README.md --out "$OUT/bench_quant"
