@@ -52,7 +52,8 @@ class CUDAGraphStep:
 
     def __init__(self, model: nn.Module, step: Callable[..., torch.Tensor] | None = None,
                  capture: Capture = cuda_capture) -> None:
-        self.model, self.step, self.capture = model, step or model, capture
+        self.model, self.capture = model, capture
+        self.step = step if step is not None else model  # (a compiled module has no truth value)
         self.graphs: dict[tuple[Any, ...], tuple[list[torch.Tensor], torch.Tensor, Callable[[], None]]] = {}
 
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, *, position_ids: torch.Tensor,

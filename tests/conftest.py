@@ -61,16 +61,23 @@ def make_hf(tmp_path: Path) -> Callable[..., tuple[transformers.PreTrainedModel,
     return make
 
 
+def _deselect(config: pytest.Config, items: list[pytest.Item], marker: str) -> int:
+    gone = [item for item in items if item.get_closest_marker(marker)]
+    if gone:
+        items[:] = [item for item in items if not item.get_closest_marker(marker)]
+        config.hook.pytest_deselected(items=gone)
+    return len(gone)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `interpret` run Triton: they need a GPU, or TRITON_INTERPRET=1 from process start
-    (Triton reads it on import)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+    (Triton reads it on import). Tests marked `cuda` need a GPU (tools/gpu_check.sh runs them)."""
+    if torch.cuda.is_available():
         return
-    skipped = [item for item in items if item.get_closest_marker("interpret")]
-    if skipped:
-        items[:] = [item for item in items if not item.get_closest_marker("interpret")]
-        config.hook.pytest_deselected(items=skipped)
-        print(f"\n{len(skipped)} Triton-interpreter tests deselected: run `TRITON_INTERPRET=1 pytest -m interpret`"
+    if (n := _deselect(config, items, "cuda")) and os.environ.get("TRITON_INTERPRET") != "1":
+        print(f"\n{n} CUDA tests deselected: no GPU here (tools/gpu_check.sh runs them on one)")
+    if os.environ.get("TRITON_INTERPRET") != "1" and (n := _deselect(config, items, "interpret")):
+        print(f"\n{n} Triton-interpreter tests deselected: run `TRITON_INTERPRET=1 pytest -m interpret`"
               " (make test runs both)")
 
 

@@ -287,6 +287,10 @@ def test_explicit_graph_step_replays_static_buffers(make_hf):
     long = [[i % 120 + 1 for i in range(300)]]  # the cache grows: a new capture
     assert torch.equal(generate(model, long, 6, eos_token_id=[], step_fn=step), generate(model, long, 6, eos_token_id=[]))
     assert len(captures) == 2 and len(step.graphs) == 2
+    # around a torch.compile'd step, as bench_generate's minillama-compiled-cudagraph row runs it
+    compiled = CUDAGraphStep(model, torch.compile(model, fullgraph=True, dynamic=False), capture=capture)
+    eager = generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0, step_fn=compiled), eager)
 
 
 def test_sync_every_must_be_a_positive_integer(make_hf):

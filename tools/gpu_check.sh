@@ -50,6 +50,7 @@ step kernel_overhead 120 "$PY" tools/bench_kernels.py --overhead --calls 500 --j
 
 if [ "$HAS_CUDA" = 1 ]; then
   step kernel_tests 240 "$PY" -m pytest -q -p no:cacheprovider -m interpret tests/test_kernels.py
+  step cuda_tests 300 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
   step bench_kernels 300 "$PY" tools/bench_kernels.py --rows 1,2048,8192 --dtypes bfloat16,float16 \
       --json "$OUT/kernels.json" --plot "$OUT/kernels.png"
   step make_model_1b 180 "$PY" tools/make_model.py --shape llama-1b --dtype bfloat16 --out "$OUT/models/llama-1b"
@@ -65,7 +66,7 @@ if [ "$HAS_CUDA" = 1 ]; then
       --num_processes 1 tools/finetune.py --config configs/finetune/tiny.yaml --max-steps 20 --no-progress \
       --out "$OUT/fsdp-tiny"
 else
-  echo "CUDA is not available here: skipped kernel_tests, bench_kernels, make_model_1b, bench_norm," \
+  echo "CUDA is not available here: skipped kernel_tests, cuda_tests, bench_kernels, make_model_1b, bench_norm," \
        "bench_generate, bench_quant, bench_train, fsdp_finetune (they need a GPU)"
   printf 'gpu_steps\tskipped (no CUDA)\t0\n' >> "$OUT/steps.tsv"
 fi
