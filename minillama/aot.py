@@ -104,13 +104,17 @@ class _Step(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
                 padding_mask: torch.Tensor, caches: list[torch.Tensor]) -> torch.Tensor:
-        options: dict[str, Any] = {"position_ids": position_ids, "padding_mask": padding_mask, "validate": False}
-        if self.kind == "prefill":
-            # kv_len is the prompt's own length, so it stays the same symbol as the dynamic dimension
-            # (a number passed in would be a second symbol, and every comparison a guard).
-            options.update(last_only=True, kv_len=tokens.shape[1])
+        options = {"position_ids": position_ids, "padding_mask": padding_mask, "validate": False,
+                   **(prefill_options(tokens) if self.kind == "prefill" else {})}
         return torch.func.functional_call(self.model, dict(zip(self.names, caches)), (tokens, input_pos), options,
                                           strict=False)
+
+
+def prefill_options(tokens: torch.Tensor) -> dict[str, Any]:
+    """model() options of a compiled prefill: the last position's logits, over kv_len = the prompt's
+    own length, so that it stays the same symbol as the dynamic dimension (a number passed in would
+    be a second symbol, and every comparison with it a guard)."""
+    return {"last_only": True, "kv_len": tokens.shape[1]}
 
 
 def prefill_lengths(model: nn.Module) -> tuple[int, int]:

@@ -60,7 +60,7 @@ class CUDAGraphStep:
                  padding_mask: torch.Tensor, validate: bool = False) -> torch.Tensor:
         inputs = (tokens, input_pos, position_ids, padding_mask)
         cache = self.model.kv_cache
-        key = (tokens.shape[0], tuple(position_ids.shape), cache.k.data_ptr(), tuple(cache.k.shape))
+        key = (tokens.shape[0], cache.k.data_ptr(), tuple(cache.k.shape))
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._capture(inputs)

@@ -242,22 +242,23 @@ def decode_tokens(
     step = step_fn if step_fn is not None else model
 
     # Padding slots are masked out; any valid id will do there, whatever the pad id is.
-    prompt = (input_ids.masked_fill(attention_mask == 0, 0), torch.arange(prompt_len, device=device), positions)
+    prompt_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    prompt_slots = torch.arange(prompt_len, device=device)
     compiled_prefill = prefill_fn is not None and prompt_len >= 2
     if compiled_prefill:
         # One compiled graph serves padded and unpadded batches, so it always gets the mask.
         start = _clock(device)
-        prefill_fn.prepare(*prompt, padding_mask)
+        prefill_fn.prepare(prompt_ids, prompt_slots, positions, padding_mask)
         if stats is not None:
             stats.prefill_compile_s += _clock(device) - start
     if stats is not None:
         stats.prompt_tokens, start = prompt_len, _clock(device)
     if compiled_prefill:
-        logits = prefill_fn(*prompt[:2], position_ids=positions, padding_mask=padding_mask)
+        logits = prefill_fn(prompt_ids, prompt_slots, position_ids=positions, padding_mask=padding_mask)
     else:
         # validate=False: generate_tokens checked the prompt's ids, and the cache was sized above.
-        logits = model(*prompt[:2], position_ids=positions, padding_mask=padding_mask if has_padding else None,
-                       last_only=True, validate=False)
+        logits = model(prompt_ids, prompt_slots, position_ids=positions,
+                       padding_mask=padding_mask if has_padding else None, last_only=True, validate=False)
     logits = logits[:, -1].float()
     # The decode step's slot and positions live on the device and advance in place: a new
     # torch.tensor([pos]) per step would be a host-to-device copy, which waits for the GPU.
@@ -559,9 +560,10 @@ class _TorchCompiledPrefill:
 
     def _forward(self, ids: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
                  padding_mask: torch.Tensor) -> torch.Tensor:
-        # kv_len from the prompt's own length: one symbol with the dynamic dimension, not a second one.
-        return self.model(ids, input_pos, position_ids=position_ids, padding_mask=padding_mask, last_only=True,
-                          validate=False, kv_len=ids.shape[1])
+        from .aot import prefill_options
+
+        return self.model(ids, input_pos, position_ids=position_ids, padding_mask=padding_mask, validate=False,
+                          **prefill_options(ids))
 
     def __call__(self, ids: torch.Tensor, input_pos: torch.Tensor, *, position_ids: torch.Tensor,
                  padding_mask: torch.Tensor, **_: Any) -> torch.Tensor:
