@@ -6,7 +6,10 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PROMPT ?= What is the capital of France?
 
-.PHONY: install test run clean
+# pytest-xdist: one worker per core; the slowest tests stay visible in the log (CI's too).
+PYTEST_ARGS ?= -n auto --dist worksteal --durations=25
+
+.PHONY: install test test-fast run clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +24,13 @@ install: $(BIN)/.installed
 
 # Two processes: Triton reads TRITON_INTERPRET once, on import, so the kernel tests get their own.
 test: install
-	$(BIN)/pytest -q
-	TRITON_INTERPRET=1 $(BIN)/pytest -q -m interpret
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(BIN)/pytest -q -m interpret $(PYTEST_ARGS)
+
+# Everything but the tests marked slow (real checkpoint, subprocesses, compilation): a few minutes.
+test-fast: install
+	$(BIN)/pytest -q -n auto --dist worksteal -m "not slow"
+	TRITON_INTERPRET=1 $(BIN)/pytest -q -n auto -m "interpret and not slow"
 
 run: install
 	$(BIN)/minillama generate --prompt "$(PROMPT)"

@@ -50,9 +50,26 @@ def launch_guard(t: torch.Tensor, name: str) -> contextlib.AbstractContextManage
     return contextlib.nullcontext()
 
 
+# True sends every call down the torch path, on CUDA as on the CPU (tests compare the two paths
+# on one device: patching INTERPRET alone would leave CUDA tensors on Triton). torch_path() sets it.
+FORCE_TORCH = False
+
+
+@contextlib.contextmanager
+def torch_path():
+    """Within the block every kernel call takes the torch implementation, whatever the device."""
+    global FORCE_TORCH
+    previous, FORCE_TORCH = FORCE_TORCH, True
+    try:
+        yield
+    finally:
+        FORCE_TORCH = previous
+
+
 def use_triton(x: torch.Tensor) -> bool:
-    """Triton on CUDA tensors, and on any tensor under the interpreter; torch otherwise."""
-    return triton is not None and (x.is_cuda or INTERPRET)
+    """Triton on CUDA tensors, and on any tensor under the interpreter; torch otherwise, and always
+    while FORCE_TORCH is set."""
+    return triton is not None and not FORCE_TORCH and (x.is_cuda or INTERPRET)
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:

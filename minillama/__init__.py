@@ -18,10 +18,27 @@ from .errors import CheckpointError, ConfigError, GenerationError, MinillamaErro
 __version__ = "0.1.0"
 
 # Installed, kernels/ is the subpackage minillama.kernels (pyproject's package-dir). From a plain
-# checkout on PYTHONPATH (a machine without a package index), find it the same way.
-_checkout = Path(__file__).resolve().parent.parent
-if importlib.util.find_spec(f"{__name__}.kernels") is None and (_checkout / "kernels").is_dir():
-    __path__.append(str(_checkout))
+# checkout (a machine without a package index: a directory on PYTHONPATH holding a link to
+# <checkout>/minillama, as tools/gpu_check.sh makes), the checkout's kernels/ is found as
+# minillama.kernels and as nothing else: the checkout root itself never goes on a search path,
+# where kernels/ would also be a top-level `kernels` (Hugging Face's package of that name, which
+# transformers imports when it finds one) and every other directory there a minillama.* package.
+_KERNELS = Path(__file__).resolve().parent.parent / "kernels"
+
+
+class _CheckoutKernels:
+    """sys.meta_path finder for `minillama.kernels` alone, from the checkout's kernels/."""
+
+    @staticmethod
+    def find_spec(fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != f"{__name__}.kernels":
+            return None
+        return importlib.util.spec_from_file_location(fullname, _KERNELS / "__init__.py",
+                                                      submodule_search_locations=[str(_KERNELS)])
+
+
+if importlib.util.find_spec(f"{__name__}.kernels") is None and (_KERNELS / "__init__.py").is_file():
+    sys.meta_path.append(_CheckoutKernels())
 
 _LAZY = {
     "from_pretrained": "checkpoint", "save_pretrained": "checkpoint", "ModelConfig": "config",

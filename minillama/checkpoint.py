@@ -25,7 +25,7 @@ from .atomic import atomic_directory, recover_directory
 from .config import ModelConfig, checkpoint_dtype, load_config, parse_dtype, to_hf_config
 from .errors import CheckpointError, ConfigError
 from .hub import resolve_model
-from .linear import prepack_enabled, prepack_model
+from .linear import ordinary_tensors, prepack_enabled, prepack_model
 from .model import Transformer
 from .norms import Norm
 from .quant import QuantConfig, as_quant_config, pack_quantized, quantize_model, quantized_layers
@@ -236,8 +236,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except (RuntimeError, TypeError):
         raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(f"device {device!r} is not available on this machine (torch.cuda.is_available() is "
-                          f"{torch.cuda.is_available()})")
+        raise ConfigError(f"device {device!r} is not available on this machine "
+                          f"({torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA devices)")
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
     return dev
@@ -256,6 +256,7 @@ def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     return model
 
 
+@ordinary_tensors()  # the model outlives a caller's torch.inference_mode block (linear.py)
 def from_pretrained(
     path: str | Path,
     *,

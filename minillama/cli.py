@@ -259,19 +259,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise MinillamaError("serving needs FastAPI and uvicorn: pip install 'minillama[serve]'") from None
     from .assets import SMOLLM2_NAME
     from .engine import Engine, check_settings
-    from .serve import serve
+    from .serve import listen, serve
 
     check_settings(args.max_batch, args.max_queue, args.max_seq_len, args.prefill_chunk)  # before the load
+    sock = listen(args.host, args.port)  # --port 0: a free port, named in the line below
     model, tokenizer = _load(args)
 
     name = args.served_model_name or (args.model.rstrip("/") if args.model else SMOLLM2_NAME)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk)
-    print(f"minillama: serving {name} on http://{args.host}:{args.port}/v1 ({args.max_batch} slots of "
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"minillama: serving {name} on http://{host}:{sock.getsockname()[1]}/v1 ({args.max_batch} slots of "
           f"{engine.cache_len} tokens; loaded in {args.load_s:.1f} s)", file=sys.stderr, flush=True)
     aliases = (SMOLLM2_NAME, f"HuggingFaceTB/{SMOLLM2_NAME}") if not args.model else (Path(args.model).name,)
-    serve(engine, name, host=args.host, port=args.port, aliases=aliases, shutdown_timeout=args.shutdown_timeout,
-          log_level=args.log_level)
+    serve(engine, name, sock, aliases=aliases, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
     return 0
 
 
@@ -396,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (the startup line names it)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache rows)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; more get HTTP 503")
     p.add_argument("--max-seq-len", type=int, default=None,

@@ -11,17 +11,22 @@ their inputs, and manage a memory pool per graph. tools/bench_generate.py measur
     from minillama.cudagraph import CUDAGraphStep
     generate(model, ids, 128, step_fn=CUDAGraphStep(model))
 
-A graph is captured per (batch, KV-cache tensors): a grown cache is a new capture. The tensor a
+A graph is captured per (batch, every layer's KV-cache tensors): the graph reads and writes those
+addresses, so a grown cache is a new capture, and a rebuilt one (setup_cache, even of the same
+shape, or one layer's cache replaced) drops every graph captured on the old. The tensor a
 step returns is the graph's static output, overwritten by the next step: read it before then
 (generate's loop does: it turns the last position into fp32 logits at once).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from .errors import GenerationError
 
 Capture = Callable[[Callable[[], torch.Tensor]], tuple[torch.Tensor, Callable[[], None]]]
 
@@ -55,12 +60,24 @@ class CUDAGraphStep:
         self.model, self.capture = model, capture
         self.step = step if step is not None else model  # (a compiled module has no truth value)
         self.graphs: dict[tuple[Any, ...], tuple[list[torch.Tensor], torch.Tensor, Callable[[], None]]] = {}
+        self._caches: list[weakref.ref] = []  # the KV-cache objects the graphs were captured on
+
+    def _key(self, batch: int) -> tuple[Any, ...]:
+        """(batch, cache shape, every layer's k and v addresses); clears the graphs when the model's
+        caches are not the objects they were captured on (setup_cache rebuilt them: the old
+        addresses may since hold anything, the caching allocator hands freed blocks out again)."""
+        caches = [layer.attn.kv_cache for layer in self.model.layers]
+        if any(c is None for c in caches):
+            raise GenerationError("CUDAGraphStep: the model has no KV cache (setup_cache first)")
+        if len(caches) != len(self._caches) or any(ref() is not c for ref, c in zip(self._caches, caches)):
+            self.graphs.clear()
+            self._caches = [weakref.ref(c) for c in caches]
+        return (batch, tuple(caches[0].k.shape), tuple(t.data_ptr() for c in caches for t in (c.k, c.v)))
 
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, *, position_ids: torch.Tensor,
                  padding_mask: torch.Tensor, validate: bool = False) -> torch.Tensor:
         inputs = (tokens, input_pos, position_ids, padding_mask)
-        cache = self.model.kv_cache
-        key = (tokens.shape[0], cache.k.data_ptr(), tuple(cache.k.shape))
+        key = self._key(tokens.shape[0])
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._capture(inputs)

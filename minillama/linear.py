@@ -13,12 +13,20 @@ freezing), and only while the weight is the tensor it was packed from, unchanged
 same version counter, same dtype): otherwise the plain path runs. `Transformer.train()` drops the copies (training never uses them,
 and they would go stale); `MINILLAMA_PREPACK=0` or `from_pretrained(..., prepack=False)` never
 make them.
+
+torch.inference_mode makes "inference tensors": no version counter (so no staleness check), and
+no in-place update outside inference mode. A model outlives the block it is loaded or first used
+in, so what it keeps is made as ordinary tensors even there (`ordinary_tensors`: from_pretrained,
+the KV cache); an inference-tensor weight (a model built by hand under inference_mode) is never
+packed: it runs the plain path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +47,11 @@ class Linear(nn.Linear):
         # Checked cheapest first: this runs ~120 times per decoded token.
         if self._packed is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             weight = self.weight
-            if self._packed_of == (weight.data_ptr(), weight._version, x.dtype):
+            try:
+                fresh = self._packed_of == (weight.data_ptr(), weight._version, x.dtype)
+            except RuntimeError:  # an inference tensor (no version counter) replaced the packed weight
+                fresh = False
+            if fresh:
                 return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
         return F.linear(x, self.weight, bias)
 
@@ -49,8 +61,12 @@ class Linear(nn.Linear):
         return {**self.__dict__, "_packed": None, "_packed_of": None}
 
     def pack(self) -> bool:
-        """Make (or refresh) the packed copy; False where this torch/CPU cannot (nothing changes then)."""
+        """Make (or refresh) the packed copy; False where this torch/CPU cannot (nothing changes then)
+        and for an inference-tensor weight (then no copy is kept)."""
         weight = self.weight
+        if weight.is_inference():  # no version counter: a later in-place change would go unseen
+            self.unpack()
+            return False
         if weight.device.type != "cpu" or not can_prepack(weight.dtype):
             return False
         self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
@@ -60,6 +76,19 @@ class Linear(nn.Linear):
     def unpack(self) -> None:
         """Drop the packed copy (and its memory)."""
         self._packed, self._packed_of = None, None
+
+
+@contextlib.contextmanager
+def ordinary_tensors() -> Iterator[None]:
+    """Leave torch.inference_mode for the block, when it is on (gradients stay off): for state a model
+    keeps (parameters, prepacked copies, the KV cache), which must stay usable after the caller's
+    inference_mode block, where inference tensors could be neither updated in place nor trained.
+    A no-op otherwise. Also a decorator: `@ordinary_tensors()`."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 @functools.lru_cache(maxsize=None)

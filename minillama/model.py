@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig
 from .errors import GenerationError
 from .kv_cache import KVCache
-from .linear import Linear, unpack_model
+from .linear import Linear, ordinary_tensors, unpack_model
 from .loss import linear_cross_entropy, reference_cross_entropy
 from .norms import build_norm
 from .rope import RotaryEmbedding, apply_rope
@@ -148,6 +148,7 @@ class Transformer(nn.Module):
         with torch.device("cpu"):  # frequencies are real numbers even when the model is built on meta
             self.rope = RotaryEmbedding(cfg)
         if self.embed.weight.device.type != "meta":
+            self.rope.place(self.embed.weight.device)  # built under torch.device("cuda"): there from the start
             self.init_weights()
 
     def train(self, mode: bool = True) -> Transformer:
@@ -193,11 +194,17 @@ class Transformer(nn.Module):
 
         dtype = dtype or self.embed.weight.dtype
         cfg = self.config
-        for layer in self.layers:
-            layer.attn.kv_cache = KVCache(
-                max_batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim, dtype,
-                device or execution_device(layer) or self.input_device,
-            )
+        # Ordinary tensors even under torch.inference_mode: the cache is reused by later calls,
+        # which may run outside it (an inference tensor cannot be written in place there).
+        with ordinary_tensors():
+            for layer in self.layers:
+                layer.attn.kv_cache = KVCache(
+                    max_batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim, dtype,
+                    device or execution_device(layer) or self.input_device,
+                )
+            # The rotary frequencies where the positions will be (normally there since the load):
+            # a forward that moved them would make a compiled one guard on the old device.
+            self.rope.place(device or self.input_device)
 
     @property
     def input_device(self) -> torch.device:

@@ -17,6 +17,7 @@ processes with `torchrun` or `accelerate launch` (gloo on CPUs, NCCL on GPUs).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -39,13 +40,26 @@ def rank_and_world(group: Any = None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+# What a shard divides, and how an error names it.
+SHARDED = {"num_attention_heads": "{} attention heads", "num_key_value_heads": "{} KV heads",
+           "intermediate_size": "the MLP width {}"}
+
+
+def tp_sizes(cfg: ModelConfig) -> list[int]:
+    """The process counts a model shards over: those dividing both head counts and the MLP width."""
+    common = math.gcd(*(getattr(cfg, name) for name in SHARDED))
+    return [n for n in range(1, common + 1) if common % n == 0]
+
+
 def shard_config(cfg: ModelConfig, world: int) -> ModelConfig:
     """The config of one process's shard: heads and MLP width divided by `world`."""
-    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        value = getattr(cfg, name)
-        if value % world:
-            raise ConfigError(f"tensor parallelism over {world} processes needs {name} ({value}) divisible by "
-                              f"{world}; use a process count that divides it")
+    bad = [name for name in SHARDED if getattr(cfg, name) % world]
+    if bad:
+        what = " / ".join(SHARDED[name].format(getattr(cfg, name)) for name in bad)
+        needs = " and ".join(f"{name} ({getattr(cfg, name)})" for name in bad)
+        raise ConfigError(f"--tp {world} ({world} processes) does not divide {what}: tensor parallelism needs "
+                          f"{needs} divisible by {world}; process counts that work for this model: "
+                          f"{', '.join(map(str, tp_sizes(cfg)))}")
     return dataclasses.replace(
         cfg, num_attention_heads=cfg.num_attention_heads // world, num_key_value_heads=cfg.num_key_value_heads // world,
         intermediate_size=cfg.intermediate_size // world, head_dim=cfg.head_dim)

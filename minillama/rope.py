@@ -6,6 +6,7 @@ The formulas follow transformers' `modeling_rope_utils` so that cos/sin agree to
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,19 +89,43 @@ def rope_parameters(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch
 
 
 class RotaryEmbedding(nn.Module):
-    """Produces (cos, sin) for given positions; the decoder shares one instance across layers."""
+    """Produces (cos, sin) for given positions; the decoder shares one instance across layers.
+
+    The frequencies live on the model's device from the start (moved by model.to / .cuda /
+    .to_empty, and placed by Transformer.setup_cache): moving them inside the first forward would
+    make a torch.compile'd forward guard on their old device and compile a second time.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         inv_freq, self.scale = rope_parameters(cfg)
-        # A plain attribute rather than a buffer: model.to(bfloat16) must not round the frequencies.
+        # Plain attributes rather than buffers: model.to(bfloat16) must not round the frequencies.
+        # The CPU copy keeps the exact values for a model built on (or moved through) the meta device.
+        self._inv_freq_cpu = inv_freq
         self.inv_freq = inv_freq
+
+    def place(self, device: torch.device | str) -> None:
+        """Put the frequencies on `device` (fp32, the exact values)."""
+        device = torch.device(device)
+        if self.inv_freq.device != device:
+            self.inv_freq = self._inv_freq_cpu.to(device)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> RotaryEmbedding:
+        # Module.to / cuda / to_empty reach every submodule through _apply: follow the device the
+        # conversion sends a float tensor to, never its dtype.
+        try:
+            device = fn(torch.empty(0, device=self.inv_freq.device)).device
+        except Exception:  # a conversion that is not about devices (e.g. share_memory_)
+            device = None
+        if device is not None:
+            self.place(device)
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [*position_ids.shape, head_dim], cast to `dtype` (as transformers does)."""
-        if self.inv_freq.device != position_ids.device:
-            self.inv_freq = self.inv_freq.to(position_ids.device)
+        if self.inv_freq.device != position_ids.device:  # e.g. a model spread by a device map
+            self.place(position_ids.device)
         inv_freq, scale = self.inv_freq, self.scale
         if self.cfg.rope.rope_type == "dynamic":
             # Stateless version of transformers' dynamic update: frequencies follow the longest position

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from .engine import Engine, Event, QueueFull, Request
-from .errors import GenerationError
+from .errors import GenerationError, MinillamaError
 from .generate import SamplingConfig, check_stop_strings
 from .tokenizer import encode_prompt
 
@@ -357,13 +358,32 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def serve(engine: Engine, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
-          aliases: tuple[str, ...] = (), shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
-    """Run the server until SIGINT/SIGTERM: new connections stop, in-flight requests get
-    `shutdown_timeout` seconds to finish, then the rest are cancelled."""
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port; port 0 lets the system pick a free one (read it back with
+    getsockname). Bound before the model loads, so a port in use fails at once, and so whoever
+    started the server learns the real port from the line it prints, with no port race."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise MinillamaError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(engine: Engine, model_name: str, sock: socket.socket, *, aliases: tuple[str, ...] = (),
+          shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
+    """Run the server on `sock` (from `listen`) until SIGINT/SIGTERM: new connections stop,
+    in-flight requests get `shutdown_timeout` seconds to finish, then the rest are cancelled."""
     import uvicorn
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     app = Server(engine, model_name, aliases).app
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
+    uvicorn.Server(config).run(sockets=[sock])
 

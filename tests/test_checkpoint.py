@@ -242,7 +242,11 @@ def test_copy_of_a_directory_loads(make_hf, tmp_path):
     _assert_same_logits(minillama.from_pretrained(moved), ref)
 
 
-@pytest.mark.parametrize("device,message", [("gpu7", "unknown device 'gpu7'"), ("cuda:9", "not available")])
+# one past the last GPU: absent here and on any node, however many GPUs it has
+MISSING_GPU = f"cuda:{torch.cuda.device_count()}"
+
+
+@pytest.mark.parametrize("device,message", [("gpu7", "unknown device 'gpu7'"), (MISSING_GPU, "not available")])
 def test_bad_device_is_named(make_hf, device, message):
     _, path = make_hf("llama")
     with pytest.raises(ConfigError, match=message):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from minillama.cli import main
 
@@ -74,7 +75,7 @@ def short_context_model(smollm2_dir, tmp_path_factory):
     (["--prompt", "hi", "--top-k", "-1"], "top_k must be an integer >= 0"),
     (["--prompt", "hi", "--dtype", "int8"], "invalid choice: 'int8'"),
     (["--prompt", "hi", "--model", "/no/such/model"], "/no/such/model: not a directory"),
-    (["--prompt", "hi", "--device", "cuda:3"], "not available"),
+    (["--prompt", "hi", "--device", f"cuda:{torch.cuda.device_count()}"], "not available"),  # one past the last GPU
     (["--prompt", "hi", "--norm", "nonorm"], "unknown norm 'nonorm'"),
     (["--prompt", "hi", "--top-k", "many"], "invalid int value: 'many'"),
     (["--prompt", "hi", "--compile", "prefill"], "invalid choice: 'prefill'"),

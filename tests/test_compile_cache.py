@@ -22,45 +22,48 @@ def run_cli(model_dir: Path, cache: Path, *extra: str) -> subprocess.CompletedPr
     cmd = [sys.executable, "-m", "minillama.cli", "generate", "--model", str(model_dir), "-p", "hello", "-n", "12",
            "--no-chat", "--stats", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "MINILLAMA_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "MINILLAMA_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+                               "MINILLAMA_COMPILE_CACHE": str(cache / "compiled")})
 
 
-def warmup_s(stderr: str) -> float:
-    return float(re.search(r"first decode step ([\d.]+) s", stderr).group(1))
+def stats_note(stderr: str, part: str) -> str:
+    """What the --stats line says of the compiled decode step / prefill: compiled, or loaded."""
+    label = "first decode step" if part == "decode" else "prefill compile"
+    found = re.search(rf"{label} [\d.]+ s \((compiled, and cached for the next run|loaded from the cache)\)", stderr)
+    assert found, stderr
+    return "loaded" if found.group(1).startswith("loaded") else "compiled"
 
 
 @pytest.mark.slow
-def test_second_process_loads_the_compiled_step(tiny_chat_dir: Path, tmp_path: Path) -> None:
+def test_second_process_loads_the_compiled_step(tiny_chat_dir: Path, tmp_path: Path, capsys) -> None:
+    """Each process is a real start (~5 s) and each compilation ~20 s: three processes, three builds."""
+    from minillama.cli import main
+
+    assert main(["generate", "--model", str(tiny_chat_dir), "-p", "hello", "-n", "12", "--no-chat",
+                 "--dtype", "float32"]) == 0
+    eager = capsys.readouterr().out
     cache = tmp_path / "cache"
-    eager = run_cli(tiny_chat_dir, cache, "--dtype", "float32")
-    first = run_cli(tiny_chat_dir, cache, "--dtype", "float32", "--compile")
+    # --compile all: the decode step and the prefill (one library for every prompt length)
+    first = run_cli(tiny_chat_dir, cache, "--dtype", "float32", "--compile", "all")
     assert first.returncode == 0, first.stderr
-    assert "(compiled, and cached for the next run)" in first.stderr
-    assert first.stdout == eager.stdout  # fp32: the compiled step decodes the eager tokens
-    second = run_cli(tiny_chat_dir, cache, "--dtype", "float32", "--compile")
-    assert "first decode step" in second.stderr and "(loaded from the cache)" in second.stderr, second.stderr
-    assert second.stdout == first.stdout
-    assert warmup_s(second.stderr) < 5 and warmup_s(second.stderr) < warmup_s(first.stderr) / 3
-    libraries = list((cache / "compiled").glob("decode-*.so"))
-    assert len(libraries) == 1
+    assert stats_note(first.stderr, "decode") == stats_note(first.stderr, "prefill") == "compiled"
+    assert first.stdout == eager  # fp32: the compiled step decodes the eager tokens
+    decode, prefill = (list((cache / "compiled").glob(f"{kind}-*.so")) for kind in ("decode", "prefill"))
+    assert len(decode) == len(prefill) == 1
 
-    # --compile all adds the prefill (one library for every prompt length), cached the same way
-    with_prefill = run_cli(tiny_chat_dir, cache, "--dtype", "float32", "--compile", "all")
-    assert re.search(r"prefill compile [\d.]+ s \(compiled, and cached", with_prefill.stderr), with_prefill.stderr
-    assert with_prefill.stdout == eager.stdout
-    again = run_cli(tiny_chat_dir, cache, "--dtype", "float32", "--compile", "all")
-    loaded = re.search(r"prefill compile ([\d.]+) s \(loaded from the cache\)", again.stderr)
-    assert loaded and float(loaded.group(1)) < 5 and again.stdout == eager.stdout, again.stderr
-    assert len(list((cache / "compiled").glob("prefill-*.so"))) == 1
+    decode[0].write_bytes(b"not a shared library")  # damaged (e.g. a full disk): rebuilt, not fatal
+    second = run_cli(tiny_chat_dir, cache, "--dtype", "float32", "--compile", "all")
+    assert second.returncode == 0 and "Traceback" not in second.stderr, second.stderr
+    # the second process loads what the first compiled (the cache's status, not a wall-clock
+    # threshold: timings belong in tools/bench_generate.py), and rebuilds what is damaged
+    assert (stats_note(second.stderr, "decode"), stats_note(second.stderr, "prefill")) == ("compiled", "loaded")
+    assert second.stdout == eager
 
-    other_dtype = run_cli(tiny_chat_dir, cache, "--dtype", "bfloat16", "--compile")
-    assert "(compiled, and cached for the next run)" in other_dtype.stderr  # a miss, not the fp32 library
-    assert len(list((cache / "compiled").glob("decode-*.so"))) == 2
-
-    libraries[0].write_bytes(b"not a shared library")  # damaged (e.g. a full disk): rebuilt, not fatal
-    rebuilt = run_cli(tiny_chat_dir, cache, "--dtype", "float32", "--compile")
-    assert rebuilt.returncode == 0 and "(compiled, and cached for the next run)" in rebuilt.stderr
-    assert rebuilt.stdout == eager.stdout and "Traceback" not in rebuilt.stderr
+    third = run_cli(tiny_chat_dir, cache, "--dtype", "float32", "--compile")  # decode step only
+    assert stats_note(third.stderr, "decode") == "loaded" and third.stdout == eager, third.stderr
+    assert "prefill compile" not in third.stderr
+    assert len(list((cache / "compiled").glob("*.so"))) == 2
+    # (another dtype, batch or cache shape is another key: test_the_key_follows_weights_dtype_and_cache_shape)
 
 
 def test_the_key_follows_weights_dtype_and_cache_shape(tiny_chat_dir: Path) -> None:
@@ -84,8 +87,9 @@ def test_the_key_follows_weights_dtype_and_cache_shape(tiny_chat_dir: Path) -> N
     assert aot.step_key(bf16, 1) != key
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_be_packaged_compiles_in_process(tiny_chat_dir: Path, monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("MINILLAMA_CACHE", str(tmp_path))
+    monkeypatch.setenv("MINILLAMA_COMPILE_CACHE", str(tmp_path))  # empty: the step must be built
 
     def refuse(*args, **kwargs):
         raise RuntimeError("unsupported operator")

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -65,6 +66,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_train_in_sync(ddp_run: Path, tmp_path: Path) -> None:
     summary = json.loads((ddp_run / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["rows_per_step"] == 16 and summary["finished"]
@@ -84,35 +86,42 @@ def test_ddp_two_processes_train_in_sync(ddp_run: Path, tmp_path: Path) -> None:
                                rtol=1e-5, atol=0)
 
 
-def resume_recipe(tmp_path: Path) -> list[str]:
-    """The tiny recipe for 8 steps, saved every 4, into tmp_path/run."""
-    return ["--config", str(ROOT / "configs/finetune/tiny.yaml"), "--out", str(tmp_path / "run"), "--max-steps", "8",
+def resume_recipe(out: Path) -> list[str]:
+    """The tiny recipe for 8 steps, saved every 4, into `out`."""
+    return ["--config", str(ROOT / "configs/finetune/tiny.yaml"), "--out", str(out), "--max-steps", "8",
             "--save-every", "4", "--no-progress", "--set", "batch_size=4", "--set", "export=false", *SMALL]
 
 
-def assert_equals_straight_run(tmp_path: Path, args: list[str]) -> None:
-    """tmp_path/run (stopped and resumed) has the losses and weights of `args` run straight through
-    by 2 processes on one machine."""
-    straight = tmp_path / "straight"
-    launch("tools/finetune.py", *[a if a != str(tmp_path / "run") else str(straight) for a in args])
-    assert [r["loss"] for r in metrics(tmp_path / "run")] == [r["loss"] for r in metrics(straight)]
-    a = json.loads((tmp_path / "run/summary.json").read_text())["weights_sha256_per_process"]
+@pytest.fixture
+def straight(reference_run: Any) -> Path:
+    """resume_recipe run straight through by 2 processes on one machine: made once per session
+    (conftest.reference_run) for both resume tests."""
+    return reference_run("ddp-resume-recipe", lambda out: launch("tools/finetune.py", *resume_recipe(out)))
+
+
+def assert_equals_straight_run(run: Path, straight: Path) -> None:
+    """`run` (stopped and resumed) has the losses and weights of the straight run."""
+    assert [r["step"] for r in metrics(run)] == list(range(1, 9))
+    assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(straight)]
+    a = json.loads((run / "summary.json").read_text())["weights_sha256_per_process"]
     b = json.loads((straight / "summary.json").read_text())["weights_sha256_per_process"]
-    assert a == b and len(set(a)) == 1
+    assert a == b and len(a) == 2 and len(set(a)) == 1
 
 
-def test_ddp_resume_after_stop(tmp_path: Path) -> None:
-    args = resume_recipe(tmp_path)
+@pytest.mark.slow
+def test_ddp_resume_after_stop(tmp_path: Path, straight: Path) -> None:
+    args = resume_recipe(tmp_path / "run")
     launch("tools/finetune.py", *args, "--stop-after", "5")
     launch("tools/finetune.py", *args, "--resume")
-    assert_equals_straight_run(tmp_path, args)
+    assert_equals_straight_run(tmp_path / "run", straight)
 
 
-def test_two_machines_train_and_resume_like_one_machine(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_two_machines_train_and_resume_like_one_machine(tmp_path: Path, straight: Path) -> None:
     """Two `accelerate launch`es with --num_machines 2 (machine ranks 0 and 1, rank 0's address)
     are one 2-process run: the same losses and weights as 2 processes on one machine, a stop and
     resume included. Only the main process writes the checkpoint; each rank reads its own RNG file."""
-    args = resume_recipe(tmp_path)
+    args = resume_recipe(tmp_path / "run")
     first = launch_machines("tools/finetune.py", *args, "--stop-after", "5")
     assert "2 process(es)" in first[0] and "minillama finetune" not in first[1]  # rank 1 stays quiet
     step5 = tmp_path / "run/checkpoints/step-000005"
@@ -122,9 +131,10 @@ def test_two_machines_train_and_resume_like_one_machine(tmp_path: Path) -> None:
     assert not list((tmp_path / "run/checkpoints").glob(".*"))  # no temporary directories left
     resumed = launch_machines("tools/finetune.py", *args, "--resume")
     assert "resumed from" in resumed[0] and "step 5" in resumed[0]
-    assert_equals_straight_run(tmp_path, args)
+    assert_equals_straight_run(tmp_path / "run", straight)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_shards_equal_the_whole_model(make_hf, tmp_path: Path) -> None:
     """2 processes, each holding half of every projection (and half the KV heads): the logits of
     the whole model within fp32 tolerance, the same greedy tokens, eager and compiled."""
@@ -143,17 +153,19 @@ def test_tensor_parallel_shards_equal_the_whole_model(make_hf, tmp_path: Path) -
         assert per_rank[0]["tokens"] == per_rank[1]["tokens"]  # every process generates the same
 
 
-def test_cli_generate_tensor_parallel_prints_what_one_process_prints(tiny_chat_dir: Path) -> None:
+@pytest.mark.slow
+def test_cli_generate_tensor_parallel_prints_what_one_process_prints(tiny_chat_dir: Path, capsys) -> None:
     common = ["generate", "--model", str(tiny_chat_dir), "--prompt", "Hello", "-n", "12"]
     cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate/ddp-cpu.yaml"),
            "--main_process_port", str(free_port()), "-m", "minillama.cli", *common, "--tp", "2"]
     tp = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert tp.returncode == 0, tp.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "minillama.cli", *common], capture_output=True, text=True, timeout=300)
-    assert tp.stdout == one.stdout and one.stdout.strip()  # printed once, by the first process
-    wrong = subprocess.run([sys.executable, "-m", "minillama.cli", *common, "--tp", "2"], capture_output=True,
-                           text=True, timeout=300)
-    assert wrong.returncode == 2 and "--tp 2 needs 2 processes; this launch has 1" in wrong.stderr
+    # One process (this one: the CLI's main, as the console script calls it).
+    assert cli_main(common) == 0
+    one = capsys.readouterr().out
+    assert tp.stdout == one and one.strip()  # printed once, by the first process
+    assert cli_main([*common, "--tp", "2"]) == 2
+    assert "--tp 2 needs 2 processes; this launch has 1" in capsys.readouterr().err
 
 
 def test_tensor_parallel_needs_divisible_heads_and_a_process_group(make_hf) -> None:
@@ -173,7 +185,12 @@ def test_tensor_parallel_needs_divisible_heads_and_a_process_group(make_hf) -> N
         from_pretrained(make_hf("llama")[1], tensor_parallel=True)
 
 
-def test_batch_generation_across_processes_equals_one_process(ddp_run: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_batch_generation_across_processes_equals_each_prompt_alone(ddp_run: Path, tmp_path: Path) -> None:
+    """2 processes, batches of 2 (left-padded): every completion is what `generate()` gives for
+    that prompt on its own, greedy, in this process (so a bug common to every batch path shows)."""
+    from minillama import from_pretrained, generate, load_tokenizer
+
     prompts = tmp_path / "prompts.jsonl"
     records = [{"prompt": "What is the capital of France?"}, {"prompt": "What is 7 times 8?"},
                {"messages": [{"role": "system", "content": "Be brief."},
@@ -181,17 +198,29 @@ def test_batch_generation_across_processes_equals_one_process(ddp_run: Path, tmp
                {"prompt": "Spell \"river\" backwards."}, {"prompt": "What is the opposite of \"hot\"?"},
                {"prompt": "Hi"}, {"prompt": "How many meters are in 12 kilometers? Answer in one sentence."}]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
-    common = ["--model", str(ddp_run / "final"), "--prompts", str(prompts), "-n", "24", "--batch-size", "2"]
-    launch("tools/generate_batch.py", *common, "--out", str(tmp_path / "multi.jsonl"))
-    assert cli_main(["generate-batch", *common, "--out", str(tmp_path / "single.jsonl")]) == 0
+    final = ddp_run / "final"
+    launch("tools/generate_batch.py", "--model", str(final), "--prompts", str(prompts), "-n", "24",
+           "--batch-size", "2", "--out", str(tmp_path / "multi.jsonl"))
     multi = [json.loads(line) for line in (tmp_path / "multi.jsonl").read_text().splitlines()]
-    single = [json.loads(line) for line in (tmp_path / "single.jsonl").read_text().splitlines()]
-    assert multi == single
     assert [r["index"] for r in multi] == list(range(len(records)))
     assert [{k: r[k] for k in records[i]} for i, r in enumerate(multi)] == records
+
+    model, tok = from_pretrained(final), load_tokenizer(final)
+    eos = json.loads((final / "config.json").read_text())["eos_token_id"]  # (no generation_config.json here)
+    stops = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
+    expected = []
+    for record in records:
+        messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        ids = list(ids["input_ids"])
+        new = generate(model, [ids], 24, temperature=0.0)[0, len(ids):].tolist()
+        new = new[:next((i for i, t in enumerate(new) if t in stops), len(new))]
+        expected.append({"completion": tok.decode(new, skip_special_tokens=True), "new_tokens": len(new)})
+    assert [{"completion": r["completion"], "new_tokens": r["new_tokens"]} for r in multi] == expected
     assert all(r["completion"] and r["new_tokens"] > 0 for r in multi)
 
 
+@pytest.mark.slow
 def test_fsdp2_checkpoint_resumes_exactly_and_exports(tmp_path: Path) -> None:
     """FSDP2-sharded parameters and AdamW state go through the same checkpoint and export code."""
     torchrun = Path(sys.executable).parent / "torchrun"

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -29,42 +34,64 @@ def small_data(tmp_path: Path) -> Path:
     return path
 
 
+# The tiny recipe, smaller still (a few seconds per run): as overrides, and as the same command-line flags.
+TINY = {"model.config.hidden_size": 32, "model.config.intermediate_size": 64,
+        "model.config.num_hidden_layers": 2, "model.config.num_attention_heads": 4,
+        "model.config.num_key_value_heads": 2, "data.val_fraction": 0.1, "data.block_size": 384,
+        "batch_size": 4, "max_steps": 14, "save_every": 4, "eval_every": 7, "optim.warmup_steps": 3}
+TINY_FLAGS = [flag for key, value in TINY.items() for flag in ("--set", f"{key}={value}")]
+
+
 def tiny(tmp_path: Path, data: Path, name: str, **overrides: Any):
-    """The tiny recipe, smaller still (a few seconds per run)."""
-    values = {"model.config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                               "num_attention_heads": 4, "num_key_value_heads": 2},
-              "data.train": str(data), "data.val_fraction": 0.1, "data.block_size": 384,
-              "batch_size": 4, "max_steps": 14, "save_every": 4, "eval_every": 7, "optim.warmup_steps": 3,
-              "out": str(tmp_path / name), **overrides}
-    return load_finetune_config(TINY_RECIPE, values)
+    return load_finetune_config(TINY_RECIPE, {**TINY, "data.train": str(data), "out": str(tmp_path / name),
+                                              **overrides})
 
 
 def losses(out: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
 
+def straight_run(reference_run: Any, **overrides: Any) -> Path:
+    """The tiny recipe's 14 steps (plus `overrides`) in one process, uninterrupted, on small_data's
+    40 conversations: made once per session (conftest.reference_run) for every test that compares
+    a stopped, killed or resumed run with it. Read only: copy it into tmp_path to write."""
+    def run(out: Path) -> None:
+        data = out.parent / "chat.jsonl"
+        data.write_text("".join(FACTS.read_text().splitlines(keepends=True)[:40]))
+        assert finetune(tiny(out.parent, data, out.name, **overrides), progress=False)["finished"]
+
+    return reference_run("finetune-tiny" + "".join(f",{k}={v}" for k, v in sorted(overrides.items())), run)
+
+
+@pytest.fixture
+def straight(reference_run: Any) -> Path:
+    return straight_run(reference_run)
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_resume_matches_uninterrupted_run(tmp_path: Path, small_data: Path, lora: bool) -> None:
+def test_resume_matches_uninterrupted_run(tmp_path: Path, small_data: Path, reference_run: Any,
+                                          lora: bool) -> None:
     extra = {"lora.enabled": lora, "lora.dropout": 0.1} if lora else {}  # dropout: RNG state must resume too
-    straight = finetune(tiny(tmp_path, small_data, "straight", **extra), progress=False)
+    straight = straight_run(reference_run, **extra)
     # Stop after step 6 (mid-epoch: an epoch is 9 steps), then resume to 14.
     part = finetune(tiny(tmp_path, small_data, "resumed", stop_after=6, **extra), progress=False)
     assert not part["finished"] and part["export"] is None
     assert latest_checkpoint(tmp_path / "resumed/checkpoints").name == "step-000006"
     resumed = finetune(tiny(tmp_path, small_data, "resumed", resume="auto", **extra), progress=False)
     assert resumed["finished"]
-    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # exact floats, every step once
-    assert [s for s, _ in losses(tmp_path / "straight")] == list(range(1, 15))
-    assert resumed["weights_sha256_per_process"] == straight["weights_sha256_per_process"]
-    a = load_file(tmp_path / "straight/final/model.safetensors")
+    assert losses(tmp_path / "resumed") == losses(straight)  # exact floats, every step once
+    assert [s for s, _ in losses(straight)] == list(range(1, 15))
+    summary = json.loads((straight / "summary.json").read_text())
+    assert resumed["weights_sha256_per_process"] == summary["weights_sha256_per_process"]
+    a = load_file(straight / "final/model.safetensors")
     b = load_file(tmp_path / "resumed/final/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert losses(tmp_path / "straight")[-1][1] < losses(tmp_path / "straight")[0][1]
+    assert losses(straight)[-1][1] < losses(straight)[0][1]
 
 
-def test_export_loads_in_transformers_with_equal_logits(tmp_path: Path, small_data: Path) -> None:
-    summary = finetune(tiny(tmp_path, small_data, "run", max_steps=5), progress=False)
-    final = Path(summary["export"])
+def test_export_loads_in_transformers_with_equal_logits(straight: Path) -> None:
+    final = Path(json.loads((straight / "summary.json").read_text())["export"])
+    assert final == straight / "final"
     hf = transformers.AutoModelForCausalLM.from_pretrained(final, attn_implementation="eager").eval()
     tok = transformers.AutoTokenizer.from_pretrained(final)
     ours = from_pretrained(final)
@@ -75,7 +102,7 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path: Path, small_da
         out = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=-1, pad_token_id=0)
     assert torch.equal(out, generate(ours, ids, 8, eos_token_id=[]))  # the same greedy tokens
     # The exported weights are the trained ones, not the initial ones.
-    ckpt = load_file(tmp_path / "run/checkpoints/step-000005/model.safetensors")
+    ckpt = load_file(straight / "checkpoints/step-000014/model.safetensors")
     assert torch.equal(ckpt["embed.weight"], ours.embed.weight)
 
 
@@ -111,21 +138,21 @@ def test_lora_run_trains_only_adapters_and_exports_merged(tmp_path: Path, small_
     assert "model.layers.0.self_attn.q_proj.weight" in exported
 
 
-def test_shorter_run_then_resume_with_more_steps_matches_straight_run(tmp_path: Path, small_data: Path) -> None:
+def test_shorter_run_then_resume_with_more_steps_matches_straight_run(tmp_path: Path, small_data: Path,
+                                                                     straight: Path) -> None:
     """The flow with the basic flags only: --max-steps 6, then --max-steps 14 --resume. The LR
     schedule spans the recipe's steps (optim.decay_steps), not the --max-steps override."""
-    finetune(tiny(tmp_path, small_data, "straight"), progress=False)
     finetune(tiny(tmp_path, small_data, "two-part", max_steps=6, save_every=6), progress=False)
     summary = finetune(tiny(tmp_path, small_data, "two-part", resume="auto"), progress=False)
-    assert losses(tmp_path / "two-part") == losses(tmp_path / "straight")
-    a = load_file(tmp_path / "straight/final/model.safetensors")
+    assert losses(tmp_path / "two-part") == losses(straight)
+    a = load_file(straight / "final/model.safetensors")
     b = load_file(Path(summary["export"]) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     state = json.loads((tmp_path / "two-part/checkpoints/step-000014/trainer_state.json").read_text())
     assert state["step"] == 14 and state["data_position"]["rows_seen"] == 14 * 4
 
 
-def test_corrupt_newest_checkpoint_is_skipped(tmp_path: Path, small_data: Path) -> None:
+def test_corrupt_newest_checkpoint_is_skipped(tmp_path: Path, small_data: Path, straight: Path) -> None:
     finetune(tiny(tmp_path, small_data, "run", stop_after=8), progress=False)
     root = tmp_path / "run/checkpoints"
     assert [p.name for p in sorted(root.iterdir())] == ["step-000004", "step-000008"]
@@ -139,21 +166,25 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path: Path, small_data: Path) 
         summary = finetune(tiny(tmp_path, small_data, "run", resume="auto"), progress=False)
     assert summary["finished"]
     assert [s for s, _ in losses(tmp_path / "run")] == list(range(1, 15))
+    assert losses(tmp_path / "run") == losses(straight)  # resumed from step 4: steps 5-8 again, exactly
 
 
-def test_resume_from_named_broken_checkpoint_is_an_error(tmp_path: Path, small_data: Path) -> None:
-    finetune(tiny(tmp_path, small_data, "run", stop_after=4), progress=False)
-    ckpt = tmp_path / "run/checkpoints/step-000004"
+def test_resume_from_named_broken_checkpoint_is_an_error(tmp_path: Path, small_data: Path,
+                                                        straight: Path) -> None:
+    shutil.copytree(straight, tmp_path / "run")
+    ckpt = tmp_path / "run/checkpoints/step-000014"
     (ckpt / "trainer_state.json").unlink()
-    with pytest.raises(CheckpointError, match="step-000004: incomplete"):
+    with pytest.raises(CheckpointError, match="step-000014: incomplete"):
         finetune(tiny(tmp_path, small_data, "run", resume=str(ckpt)), progress=False)
 
 
-def test_existing_run_is_not_overwritten_without_resume(tmp_path: Path, small_data: Path) -> None:
-    finetune(tiny(tmp_path, small_data, "run", stop_after=4), progress=False)
+def test_existing_run_is_not_overwritten_without_resume(tmp_path: Path, small_data: Path,
+                                                        straight: Path) -> None:
+    shutil.copytree(straight, tmp_path / "run")
     with pytest.raises(ConfigError, match="pass --resume"):
         finetune(tiny(tmp_path, small_data, "run"), progress=False)
-    assert (tmp_path / "run/checkpoints/step-000004").is_dir()
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["step-000012", "step-000014"]
+    assert losses(tmp_path / "run") == losses(straight)  # nothing of the run was touched
 
 
 def test_text_data_gradient_accumulation_and_bf16(tmp_path: Path) -> None:
@@ -213,43 +244,64 @@ def load_tokenizer_template(path: Path) -> str:
     return load_tokenizer(path).chat_template
 
 
-def test_killed_run_resumes_exactly(tmp_path: Path, small_data: Path) -> None:
-    """SIGKILL a real run (a subprocess) after its first checkpoint, then --resume: same losses as
-    straight through, every step logged once, even with a half-written metrics line."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+KILL_AFTER_STEP_6 = textwrap.dedent("""
+    import sys, time
+    from minillama.cli import main
+    from minillama.train.metrics import MetricsLog
+    real = MetricsLog.log
+    def log(self, row):
+        real(self, row)
+        if row["step"] == 6:  # past the checkpoint of step 4: steps 5 and 6 are logged, then lost
+            print("HANGING", file=sys.stderr, flush=True)
+            time.sleep(600)
+    MetricsLog.log = log
+    sys.exit(main(["finetune", *sys.argv[1:]]))
+""")
 
-    args = [sys.executable, str(ROOT / "tools/finetune.py"), "--config", str(TINY_RECIPE), "--no-progress",
-            "--max-steps", "150", "--save-every", "5",
-            "--set", f"data.train={small_data}", "--set", "model.config.hidden_size=32",
-            "--set", "model.config.intermediate_size=64", "--set", "batch_size=4", "--set", "data.block_size=384",
-            "--set", "export=false"]
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly(tmp_path: Path, small_data: Path, straight: Path) -> None:
+    """SIGKILL a real run (a subprocess) after step 6 is logged (its last checkpoint: step 4), then
+    --resume: the same losses as straight through, every step logged once, even with a
+    half-written metrics line."""
+    args = ["--config", str(TINY_RECIPE), "--no-progress", "--set", f"data.train={small_data}", *TINY_FLAGS,
+            "--set", "export=false", "--out", str(tmp_path / "killed")]
+    proc = subprocess.Popen([sys.executable, "-c", KILL_AFTER_STEP_6, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        err = []
+        for line in proc.stderr:  # the run's own lines, then the marker
+            err.append(line)
+            if line.strip() == "HANGING":
+                break
+        assert err and err[-1].strip() == "HANGING", "".join(err)[-3000:]
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
     out = tmp_path / "killed"
-    proc = subprocess.Popen([*args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "checkpoints/step-000005/trainer_state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert int(latest_checkpoint(out / "checkpoints").name.split("-")[1]) < 150  # really cut short
+    assert [s for s, _ in losses(out)] == list(range(1, 7))  # really cut short, past its last checkpoint...
+    assert latest_checkpoint(out / "checkpoints").name == "step-000004"
     with open(out / "metrics.jsonl", "a") as f:
-        f.write('{"step": 99, "lo')  # as if killed mid-write
-    subprocess.run([*args, "--out", str(out), "--resume"], check=True, capture_output=True)
-    subprocess.run([*args, "--out", str(tmp_path / "straight")], check=True, capture_output=True)
-    assert losses(out) == losses(tmp_path / "straight")
-    assert [s for s, _ in losses(out)] == list(range(1, 151))
+        f.write('{"step": 99, "lo')  # ...and as if killed mid-write
+    done = subprocess.run([sys.executable, str(ROOT / "tools/finetune.py"), *args, "--resume"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr and "(step 4)" in done.stderr
+    assert losses(out) == losses(straight)  # the one-process straight run, made in this process
+    assert [s for s, _ in losses(out)] == list(range(1, 15))
 
 
-def test_compiled_blocks_train_like_eager_and_resume_exactly(tmp_path: Path, small_data: Path) -> None:
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_and_resume_exactly(tmp_path: Path, small_data: Path,
+                                                            straight: Path) -> None:
     """compile: true (regional compilation, one compiled graph for every block): the losses of the
     eager run, and a stop + resume gives the uninterrupted compiled run exactly."""
-    finetune(tiny(tmp_path, small_data, "eager", max_steps=6), progress=False)
     finetune(tiny(tmp_path, small_data, "compiled", max_steps=6, compile=True), progress=False)
-    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    # The eager run: the straight run's first 6 steps (the LR schedule follows the recipe's max_steps).
+    eager, compiled = losses(straight)[:6], losses(tmp_path / "compiled")
+    assert [s for s, _ in compiled] == [s for s, _ in eager] == list(range(1, 7))
     torch.testing.assert_close(torch.tensor([loss for _, loss in compiled]), torch.tensor([loss for _, loss in eager]),
                                rtol=1e-5, atol=0)
     finetune(tiny(tmp_path, small_data, "resumed", max_steps=6, compile=True, stop_after=3), progress=False)

@@ -45,14 +45,30 @@ def ckpt(make_hf) -> Path:
     return path
 
 
-def _load_or_our_error(path: Path) -> None:
+# What a file cut short anywhere must give (the checkpoint loader's own words), whatever else it says.
+TRUNCATED = r"model\.safetensors: corrupt or truncated safetensors file"
+IDS = torch.tensor([[1, 2, 3]])
+
+
+def _logits(path: Path) -> torch.Tensor:
+    with torch.no_grad():
+        return minillama.from_pretrained(path)(IDS)
+
+
+def _load_or_our_error(path: Path, clean: torch.Tensor | None = None) -> None:
+    """For damage that may leave a loadable file: our error naming the file, or a model that runs
+    with finite logits; `clean`: the undamaged checkpoint's logits, which a successful load must
+    give exactly (header damage that still loads changed nothing the model reads)."""
     try:
         model = minillama.from_pretrained(path)
     except OURS as e:
         assert str(path) in str(e) or path.name in str(e), f"message names no file: {e}"
         return
     with torch.no_grad():
-        model(torch.tensor([[1, 2, 3]]))  # damage in tensor data only: it loads and runs
+        logits = model(IDS)
+    assert logits.shape == (1, 3, model.config.vocab_size) and torch.isfinite(logits).all(), logits
+    if clean is not None:
+        assert torch.equal(logits, clean), "a damaged header loaded into a different model"
 
 
 def _header(path: Path) -> tuple[int, dict, bytes]:
@@ -72,11 +88,32 @@ def test_truncated_weights(ckpt, seed):
     raw = file.read_bytes()
     rng = random.Random(seed)
     file.write_bytes(raw[:rng.randrange(0, len(raw))])
+    with pytest.raises(CheckpointError, match=TRUNCATED):
+        minillama.from_pretrained(ckpt)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_flipped_tensor_data_bytes(ckpt, seed):
+    """safetensors has no checksums: flipped bits in the tensor data load, and the model runs. Only
+    mantissa bits here (every tensor is fp32, little-endian), so every weight stays finite, and so
+    must the logits."""
+    clean = minillama.from_pretrained(ckpt).state_dict()
+    file = ckpt / "model.safetensors"
+    n, _, _ = _header(file)
+    raw = bytearray(file.read_bytes())
+    rng = random.Random(seed)
+    for _ in range(rng.randint(1, 64)):
+        bit = rng.randrange(23)  # of the mantissa: bits 0-7 of byte 0, 0-7 of byte 1, 0-6 of byte 2
+        raw[8 + n + 4 * rng.randrange((len(raw) - 8 - n) // 4) + bit // 8] ^= 1 << bit % 8
+    file.write_bytes(bytes(raw))
     _load_or_our_error(ckpt)
+    damaged = minillama.from_pretrained(ckpt).state_dict()
+    assert any(not torch.equal(damaged[k], clean[k]) for k in clean)  # the damage was read
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_flipped_header_bytes(ckpt, seed):
+    clean = _logits(ckpt)
     file = ckpt / "model.safetensors"
     raw = bytearray(file.read_bytes())
     (n,) = struct.unpack("<Q", raw[:8])
@@ -84,11 +121,12 @@ def test_flipped_header_bytes(ckpt, seed):
     for _ in range(rng.randint(1, 4)):
         raw[rng.randrange(0, 8 + n)] ^= 1 << rng.randrange(8)
     file.write_bytes(bytes(raw))
-    _load_or_our_error(ckpt)
+    _load_or_our_error(ckpt, clean)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_wrong_dtypes_shapes_and_offsets_in_header(ckpt, seed):
+    clean = _logits(ckpt)
     file = ckpt / "model.safetensors"
     _, header, data = _header(file)
     rng = random.Random(seed)
@@ -105,16 +143,17 @@ def test_wrong_dtypes_shapes_and_offsets_in_header(ckpt, seed):
         start, stop = entry["data_offsets"]
         entry["data_offsets"] = rng.choice([[stop, start], [start, len(data) + 100], [-8, stop], [0, 2**63]])
     _write(file, header, data)
-    _load_or_our_error(ckpt)
+    _load_or_our_error(ckpt, clean)
 
 
 def test_header_length_past_the_file(ckpt):
     file = ckpt / "model.safetensors"
     raw = file.read_bytes()
-    file.write_bytes(struct.pack("<Q", len(raw) * 4) + raw[8:])
-    _load_or_our_error(ckpt)
-    file.write_bytes(struct.pack("<Q", 2**64 - 1) + raw[8:])
-    _load_or_our_error(ckpt)
+    for length in (len(raw) * 4, len(raw) - 7, 2**64 - 1):  # a header that would end past the file
+        file.write_bytes(struct.pack("<Q", length) + raw[8:])
+        expected = TRUNCATED + rf" \(header of {length} bytes, file of {len(raw)}\)"
+        with pytest.raises(CheckpointError, match=expected):
+            minillama.from_pretrained(ckpt)
 
 
 def test_duplicate_tensor_names(ckpt):
@@ -186,7 +225,7 @@ BAD_FLAGS = {
     "--repetition-penalty": ["0", "-1", "nan", "inf"],
     "--seed": ["-1", str(2**70), "x"],
     "--dtype": ["int8", "fp8", ""],
-    "--device": ["tpu", "cuda:7", "", "cpu:x", "meta"],
+    "--device": ["tpu", f"cuda:{torch.cuda.device_count()}", "", "cpu:x", "meta"],  # one past the last GPU
     "--norm": ["nope", "prmsnorm:p=2", "prmsnorm:q=1", "prmsnorm:p=x", "layernorm:eps"],
     "--stop": [""],
 }

@@ -159,17 +159,17 @@ def test_incremental_decoder_never_splits_a_character(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_dir):
-    tok = minillama.load_tokenizer(smollm2_dir)
+def smol(smollm2):
+    tok, model = smollm2
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    return minillama.from_pretrained(smollm2_dir), tok, ids
+    return model, tok, ids
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_equals_transformers(smollm2_dir, smol):
+def test_smollm2_greedy_equals_transformers(smollm2_hf, smol):
     model, tok, ids = smol
-    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+    ref = smollm2_hf
     expected = _hf_greedy(ref, ids, 32)
     assert torch.equal(generate(model, ids, 32, eos_token_id=[]), expected)
     # with the checkpoint's own EOS both stop at the same place, after "Paris."
@@ -195,10 +195,12 @@ def test_smollm2_stream_and_stop_strings(smol):
 
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens(make_hf):
-    _, path = make_hf("mistral", num_key_value_heads=2, sliding_window=5)
+    # the prefill test's model: the session's compile cache serves both the same decode library
+    _, path = make_hf("mistral", num_key_value_heads=2, sliding_window=5, max_position_embeddings=512)
     model = minillama.from_pretrained(path)
     eager = generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0)
     assert torch.equal(generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0, compile=True), eager)
+    assert model._compiled_step.status in ("compiled", "loaded")  # the packaged library ran, not the fallback
     # "every row done?" read back once per 5 tokens, as on a GPU: EOS still lands on the same token
     new = eager[:, -12:]
     eos = [int(new[0, 3]), int(new[1, 6]), int(new[2, 8])]
@@ -222,7 +224,6 @@ def test_compiled_prefill_is_one_compilation_for_every_prompt_length(make_hf, mo
     from minillama import aot
     from minillama.generate import GenerationStats
 
-    monkeypatch.setenv("MINILLAMA_COMPILE_CACHE", str(tmp_path / "compiled"))
     if not packaged:
         monkeypatch.setenv("MINILLAMA_AOT", "0")
     builds = []
@@ -232,22 +233,26 @@ def test_compiled_prefill_is_one_compilation_for_every_prompt_length(make_hf, mo
     model = minillama.from_pretrained(path)
     for options in ({}, {"temperature": 0.9, "top_k": 20, "seed": 5}):
         eager = generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0, **options)
-        compiled = generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0, compile="all", **options)
-        assert torch.equal(compiled, eager), options
-    graphs = counters["stats"]["unique_graphs"]
-    # 300 (in-process only, each library costs CI ~10 s): past the cache's first size, which then grows
-    for n in (2, 5, 9, 40) + (() if packaged else (300,)):
-        prompt = [[(7 * i) % 120 + 1 for i in range(n)]]
         stats = GenerationStats()
-        compiled = generate(model, prompt, 6, eos_token_id=[], compile="all", stats=stats)
-        assert torch.equal(compiled, generate(model, prompt, 6, eos_token_id=[])), n
-        if n == 2:
-            assert stats.prefill_compile_s > stats.prefill_s  # a new batch size: compiled, timed apart
-    # batch 3, then batch 1 (then batch 1 at the grown cache): one prefill each, never one per length
+        compiled = generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0, compile="all", stats=stats,
+                            **options)
+        assert torch.equal(compiled, eager), options
+        if not options:
+            assert stats.prefill_compile_s > stats.prefill_s  # the first call compiles, timed apart
+        if packaged:  # the libraries ran (a packaging failure would fall back and still match)
+            assert {model._compiled_step.status, model._compiled_prefill.status} <= {"compiled", "loaded"}
+    graphs = counters["stats"]["unique_graphs"]
+    # Ragged batches of 3 at other lengths: the same compiled prefill (each compilation costs CI
+    # ~20 s, so the batch stays 3). 300 (in-process only): past the cache's first size, which grows.
+    for n in (2, 5, 9, 40) + (() if packaged else (300,)):
+        prompts = [[(7 * i + r) % 120 + 1 for i in range(m)] for r, m in enumerate((n, max(1, n // 2), n))]
+        compiled = generate(model, prompts, 6, eos_token_id=[], pad_token_id=0, compile="all")
+        assert torch.equal(compiled, generate(model, prompts, 6, eos_token_id=[], pad_token_id=0)), n
+    # one prefill for every length (and, in-process, one more at the grown cache), never one per length
     if packaged:
-        assert builds.count("prefill") == 2, builds
+        assert builds.count("prefill") == 1, builds
     else:
-        assert not builds and counters["stats"]["unique_graphs"] - graphs <= 4  # 2 prefills + 2 decode steps
+        assert not builds and counters["stats"]["unique_graphs"] - graphs <= 2  # prefill + decode, grown cache
 
 
 def test_compile_takes_true_false_decode_or_all(make_hf):
@@ -264,6 +269,7 @@ def test_compile_takes_true_false_decode_or_all(make_hf):
             generate(model, PROMPTS, 4, compile=bad)
 
 
+@pytest.mark.slow
 def test_explicit_graph_step_replays_static_buffers(make_hf):
     """CUDAGraphStep's logic on a CPU: inputs copied into static buffers, the step's output read from
     the static output that each replay overwrites, one capture per (batch, cache); same tokens."""
@@ -286,7 +292,7 @@ def test_explicit_graph_step_replays_static_buffers(make_hf):
     assert len(captures) == 1
     long = [[i % 120 + 1 for i in range(300)]]  # the cache grows: a new capture
     assert torch.equal(generate(model, long, 6, eos_token_id=[], step_fn=step), generate(model, long, 6, eos_token_id=[]))
-    assert len(captures) == 2 and len(step.graphs) == 2
+    assert len(captures) == 2 and len(step.graphs) == 1  # the old cache's graph is dropped with it
     # around a torch.compile'd step, as bench_generate's minillama-compiled-cudagraph row runs it
     compiled = CUDAGraphStep(model, torch.compile(model, fullgraph=True, dynamic=False), capture=capture)
     eager = generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0)

@@ -3,10 +3,7 @@ cache layout), offline; a local directory of the same spelling wins; an unknown 
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -70,14 +67,18 @@ def test_what_counts_as_an_id() -> None:
     assert not any(map(is_repo_id, ["/abs/dir", "./rel", "a/b/c", "../up", "~/model", "a/", ""]))
 
 
-def test_cli_takes_an_id(hub_cache: Path) -> None:
-    env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "minillama.cli", "generate", "-p", "hi", "-n", "4", "--model"]
-    ok = subprocess.run(cmd + ["tiny-org/tiny-chat"], env=env, capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run(cmd + ["nobody/nothing"], env=env, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines()[-1].startswith("minillama: error: nobody/nothing: no such local")
+def test_cli_takes_an_id(hub_cache: Path, tiny_chat_dir: Path, capsys) -> None:
+    from minillama.cli import main
+
+    argv = ["generate", "-p", "hi", "-n", "4", "--model"]
+    assert main(argv + ["tiny-org/tiny-chat"]) == 0
+    by_id = capsys.readouterr().out
+    assert main(argv + [str(tiny_chat_dir)]) == 0
+    assert by_id == capsys.readouterr().out and by_id.strip()  # the same model answers the same
+    assert main(argv + ["nobody/nothing"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("minillama: error: nobody/nothing: no such local"), err
 
 
 def test_online_ids_download_checkpoint_files_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -31,11 +31,46 @@ SCALARS = {"eps": "fp32", "offset": "fp32"}
 # Triton bundles ptxas builds for several PTX versions; the newest reads what this Triton emits.
 PTXAS = sorted((Path(triton.__file__).parent / "backends" / "nvidia" / "bin").glob("ptxas*"), reverse=True)
 # Hidden sizes of real models (SmolLM2 576 ... Llama-3-70B 8192, wider for the looped path) x a
-# decode step (1 row) and a large batch: every distinct configuration the dispatcher picks for them.
-CONFIGS = sorted({(direction, _common.launch_config(n, _common.row_bucket(m), tile))
-                  for direction, tile in (("fwd", _common.TILE_ELEMS), ("bwd", _common.BWD_TILE_ELEMS))
-                  for n in (64, 576, 1024, 2048, 4096, 8192, 16384) for m in (1, 8192)},
-                 key=lambda c: (c[0], c[1].single, c[1].block, c[1].rows))
+# decode step (1 row) and a large batch (8192 rows).
+HIDDEN_SIZES = (64, 576, 1024, 2048, 4096, 8192, 16384)
+ROW_COUNTS = (1, 8192)
+L = _common.Launch
+# Every distinct configuration the dispatcher should pick for them, worked out by hand from the rule
+# in kernels/_common.py (launch_config): block = next_pow2(n) up to 8192 (576 -> 1024), else looped
+# rows in 8192 chunks with 16 warps; rows per tile = min(tile // block, next_pow2(rows)), at least 1,
+# tile = 8192 elements forward, 4096 backward; warps = rows * block / 512, clamped to 1..16.
+CONFIGS = [
+    ("bwd", L(64, 1, True, 1)),       # n 64, 1 row: 64 / 512 -> at least 1 warp
+    ("bwd", L(64, 64, True, 8)),      # n 64, 8192 rows: 4096 / 64 = 64 rows, 4096 / 512 = 8 warps
+    ("bwd", L(1024, 1, True, 2)),     # n 576 or 1024, 1 row: 1024 / 512 = 2 warps
+    ("bwd", L(1024, 4, True, 8)),     # n 576 or 1024, 8192 rows: 4096 / 1024 = 4 rows
+    ("bwd", L(2048, 1, True, 4)),     # n 2048, 1 row
+    ("bwd", L(2048, 2, True, 8)),     # n 2048, 8192 rows: 4096 / 2048 = 2 rows
+    ("bwd", L(4096, 1, True, 8)),     # n 4096, 1 row or 8192 rows (4096 / 4096 = 1 row either way)
+    ("bwd", L(8192, 1, True, 16)),    # n 8192: 4096 // 8192 = 0 -> 1 row; 8192 / 512 = 16 warps
+    ("bwd", L(8192, 1, False, 16)),   # n 16384 > 8192: looped
+    ("fwd", L(64, 1, True, 1)),       # n 64, 1 row
+    ("fwd", L(64, 128, True, 16)),    # n 64, 8192 rows: 8192 / 64 = 128 rows, 8192 / 512 = 16 warps
+    ("fwd", L(1024, 1, True, 2)),     # n 576 or 1024, 1 row
+    ("fwd", L(1024, 8, True, 16)),    # n 576 or 1024, 8192 rows: 8 rows
+    ("fwd", L(2048, 1, True, 4)),
+    ("fwd", L(2048, 4, True, 16)),
+    ("fwd", L(4096, 1, True, 8)),
+    ("fwd", L(4096, 2, True, 16)),
+    ("fwd", L(8192, 1, True, 16)),    # n 8192, 1 row or 8192 rows
+    ("fwd", L(8192, 1, False, 16)),   # n 16384: looped
+]
+
+
+def test_configs_are_the_dispatchers_choices():
+    """The list compiled below is exactly what launch_config picks for those sizes (no variant the
+    dispatcher can reach goes uncompiled, and none is compiled that it never picks)."""
+    picked = {(direction, _common.launch_config(n, _common.row_bucket(m), tile))
+              for direction, tile in (("fwd", _common.TILE_ELEMS), ("bwd", _common.BWD_TILE_ELEMS))
+              for n in HIDDEN_SIZES for m in ROW_COUNTS}
+    assert len(set(CONFIGS)) == len(CONFIGS)
+    listed = set(CONFIGS)
+    assert picked == listed, (sorted(picked - listed, key=str), sorted(listed - picked, key=str))
 
 
 def _compile(kernel, pointers: dict[str, str], constexprs: dict[str, object], num_warps: int,

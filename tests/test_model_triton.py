@@ -1,6 +1,12 @@
-"""The decoder with the fused Triton RMSNorm (interpreted on the CPU) against the torch norm.
+"""The decoder with the fused Triton RMSNorm against the same decoder with the torch norm.
 
-Runs in the TRITON_INTERPRET=1 process (see tests/test_kernels.py).
+Runs in the TRITON_INTERPRET=1 process (see tests/test_kernels.py); on a machine with CUDA the
+models live on the GPU and the kernels are compiled Triton.
+
+Error rule (tests/test_kernels.py's, at model level): both models are compared with an fp64
+reference of the same weights (the torch norm, in float64), and the Triton model may be at most
+twice as far from it as the torch model of the same dtype, plus a small atol:
+|triton - ref| <= 2 * |torch - ref| + atol, for the logits and for every parameter's gradient.
 """
 
 from __future__ import annotations
@@ -9,8 +15,28 @@ import pytest
 import torch
 
 import minillama
+from minillama.kernels import _common
 
 pytestmark = pytest.mark.interpret
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# atol for the logits, which are O(1) here (|max| ~3): 1e-5 in fp32 (the old fused-vs-torch
+# tolerance), 1e-2 in bf16 (below one bf16 ulp at the logits' size, 2^-6 in [2, 4)).
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# atol for a gradient, as a fraction of that parameter's largest reference gradient. The torch bf16
+# model's own gradient error is ~1.5% of that, so 2x of it (not this) is what bounds the kernels.
+GRAD_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
+
+
+def _loss(logits: torch.Tensor) -> torch.Tensor:
+    return logits.double().logsumexp(-1).mean()
+
+
+def _within_2x(ours: torch.Tensor, same_dtype: torch.Tensor, ref: torch.Tensor, atol: float,
+               what: str) -> None:
+    err = (ours.double() - ref).abs().max().item()
+    base = (same_dtype.double() - ref).abs().max().item()
+    assert err <= 2 * base + atol, f"{what}: error {err:.3g} > 2 * {base:.3g} (the torch norm's) + {atol:.3g}"
 
 
 @pytest.mark.parametrize("model_type,overrides", [
@@ -18,17 +44,31 @@ pytestmark = pytest.mark.interpret
     ("mistral", dict(num_key_value_heads=1, sliding_window=5)),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_logits_and_gradients_equal_the_torch_norm(make_hf, model_type, overrides, dtype):
+def test_logits_and_gradients_within_2x_of_the_torch_norm(triton_ran, make_hf, model_type, overrides, dtype):
     _, path = make_hf(model_type, **overrides)
-    fused = minillama.from_pretrained(path, dtype=dtype)  # "rmsnorm": Triton under the interpreter
-    plain = minillama.from_pretrained(path, dtype=dtype, norm="rmsnorm-torch")
+    fused = minillama.from_pretrained(path, dtype=dtype, device=DEVICE, prepack=False)  # "rmsnorm": Triton
+    plain = minillama.from_pretrained(path, dtype=dtype, device=DEVICE, norm="rmsnorm-torch", prepack=False)
+    ref = minillama.from_pretrained(path, dtype=torch.float32, device=DEVICE, norm="rmsnorm-torch",
+                                    prepack=False).double()
     assert type(fused.norm).__name__ == "FusedRMSNorm" and type(plain.norm).__name__ == "RMSNorm"
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    out = [m(ids) for m in (fused, plain)]
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
-    torch.testing.assert_close(out[0], out[1], **tol)
-    for o in out:
-        o.float().logsumexp(-1).mean().backward()
-    for (name, a), (_, b) in zip(fused.named_parameters(), plain.named_parameters(), strict=True):
-        scale = b.grad.abs().max().item() + 1e-6
-        assert (a.grad - b.grad).abs().max().item() <= (1e-4 if dtype == torch.float32 else 0.1) * scale, name
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+    norms = 2 * len(fused.layers) + 1
+    logits = {}
+    for name, model in (("fused", fused), ("plain", plain), ("ref", ref)):
+        before = _common.LAUNCHES.copy()
+        logits[name] = model(ids)
+        _loss(logits[name]).backward()
+        launched = _common.LAUNCHES - before
+        if name == "fused":  # every norm ran the Triton kernels, forward and backward
+            assert launched == {"rms_norm_fwd": norms, "rms_norm_bwd": norms}, launched
+        else:
+            assert not launched, f"the torch-norm model launched Triton kernels: {launched}"
+
+    assert logits["fused"].dtype == dtype
+    _within_2x(logits["fused"], logits["plain"], logits["ref"], ATOL[dtype], f"{dtype} logits")
+    params = [dict(m.named_parameters()) for m in (fused, plain, ref)]
+    assert params[0].keys() == params[1].keys() == params[2].keys()
+    for name, r in params[2].items():
+        a, b = params[0][name].grad, params[1][name].grad
+        _within_2x(a, b, r.grad, GRAD_ATOL[dtype] * r.grad.abs().max().item(), f"{dtype} gradient of {name}")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -240,30 +240,20 @@ def test_a_full_queue_answers_503(tiny_chat_dir: Path) -> None:
         running.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_cli_serve_finishes_in_flight_streams_on_sigterm(tiny_chat_dir: Path) -> None:
-    port = _free_port()
+    # --port 0: the server binds a free port itself and names it (no free-port guess that can collide)
     proc = subprocess.Popen([sys.executable, "-m", "minillama.cli", "serve", "--model", str(tiny_chat_dir),
-                             "--port", str(port), "--max-seq-len", "2048", "--dtype", "float32"],
+                             "--port", "0", "--max-seq-len", "2048", "--dtype", "float32"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "server did not come up"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        startup = []
+        while not (url := re.search(r" on (http://127\.0\.0\.1:[1-9]\d*)/v1 ", startup[-1] if startup else "")):
+            startup.append(proc.stdout.readline())
+            assert startup[-1], "".join(startup)  # the process ended before it served
+        url = url.group(1)
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
         body = {"model": tiny_chat_dir.name, "prompt": "a", "max_tokens": 1500, "temperature": 0, "stream": True}
         events = []
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
@@ -353,3 +343,17 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(tiny_chat_dir:
         engine.step()
     assert first.tokens == alone[0] and second.tokens == alone[1]
     assert order.index("long") > 4  # the short request got text while the long prompt was prefilled
+
+
+def test_a_port_in_use_is_one_line_before_loading(capsys: pytest.CaptureFixture) -> None:
+    import socket
+
+    from minillama.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--model", "/no/such/model"]) == 2  # the port is checked first
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}: Address already in use" in err, err

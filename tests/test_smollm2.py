@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 import minillama
 
@@ -14,19 +13,19 @@ PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def loaded(smollm2_dir):
-    tok = minillama.load_tokenizer(smollm2_dir)
+def loaded(smollm2):
+    tok, model = smollm2
     ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    return tok, ids["input_ids"], minillama.from_pretrained(smollm2_dir)
+    return tok, ids["input_ids"], model
 
 
-def test_logits_are_bit_identical_to_transformers_fp32(smollm2_dir, loaded):
+def test_logits_are_bit_identical_to_transformers_fp32(smollm2_dir, smollm2_hf, loaded):
     """What the README claims: fp32 logits equal bit for bit to transformers' default (SDPA) attention
     (its eager attention computes softmax(QK^T)V in another order and differs by ~6e-5), with the
     plain matmuls; the default CPU fast path (oneDNN-prepacked weights) is within ~1e-4, same argmax."""
     tok, ids, packed = loaded
     plain = minillama.from_pretrained(smollm2_dir, prepack=False)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    ref = smollm2_hf
     assert plain.config.num_hidden_layers == 30 and plain.config.tie_word_embeddings
     text = tok("It was the best of times, it was the worst of times, it was the age of wisdom",
                return_tensors="pt").input_ids

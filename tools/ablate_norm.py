@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import sys
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from benchutil import shakespeare_corpus
+from benchutil import pyplot, shakespeare_corpus, write_json
 
 from minillama import ModelConfig, Transformer
 from minillama.errors import MinillamaError
@@ -105,12 +104,11 @@ def train_one(norm: str, args: argparse.Namespace, train: torch.Tensor, val: tor
             "step_s_median": step_s, "tokens_per_s": args.batch * args.seq / step_s, "curve": curve}
 
 
-def plot(out: Path, results: list[dict]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(out: Path, results: list[dict]) -> str | None:
+    """The loss curves' PNG (None without matplotlib)."""
+    plt = pyplot()
+    if plt is None:
+        return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         pts = [(c["step"], c["val_loss"]) for c in r["curve"] if "val_loss" in c]
@@ -173,9 +171,11 @@ def main() -> None:
               f"| {r[big]:.4f} | {1000 * r['step_s_median']:.1f} | {r['tokens_per_s']:.0f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    png = plot(out, results)
-    (out / "results.json").write_text(json.dumps({"settings": vars(args), "corpus_bytes": len(corpus),
-                                                  "results": results, "plot": png}, indent=2))
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}  # --corpus is a Path
+    summary = {"settings": settings, "corpus_bytes": len(corpus), "results": results, "plot": None}
+    write_json(out / "results.json", summary)  # before the plot: a missing matplotlib loses only the figure
+    summary["plot"] = plot(out, results)
+    write_json(out / "results.json", summary)
 
 
 if __name__ == "__main__":

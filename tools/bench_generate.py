@@ -9,6 +9,13 @@ here, in this run.
 
     python tools/bench_generate.py                       # embedded SmolLM2, fp32 + bf16
     python tools/bench_generate.py --model DIR --dtypes bfloat16 --json out.json
+
+--json is rewritten as each row finishes, so a run stopped part-way keeps the rows it measured.
+On CUDA every minillama worker sizes its KV cache once, before the warm-up, for the longest call
+it makes (--cache-len, default: prompt + new tokens or prefill + 1, rounded up to 256): the
+compiled step and prefill (and the hand-captured graph) are then made once, never again for a
+grown cache inside the timed calls. On a CPU the cache grows as generate sizes it (the figures of
+docs/benchmarks.md were measured so) unless --cache-len is given.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchutil import decode_rate, median_spread, read_bandwidth, timed
+from benchutil import decode_rate, median_spread, read_bandwidth, timed, write_json
 
 # minillama-plain: eager with ordinary matmuls (prepack=False); minillama: the default eager path
 # (on a CPU, projections prepacked for oneDNN at load); minillama-compiled: compile=True (the decode
@@ -46,7 +53,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
     import minillama
-    from minillama.generate import generate
+    from minillama.generate import CACHE_ROUND, generate
     from minillama.hub import model_path
     from minillama.linear import packed_bytes
     from minillama.quant import weight_bytes
@@ -86,6 +93,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
         def run(n: int, ids: torch.Tensor = prompt) -> torch.Tensor:
             return generate(model, ids, n, eos_token_id=[], compile=compile_step, step_fn=step_fn)
+
+        cache_len = args.cache_len
+        if cache_len is None and device.type == "cuda":
+            longest = max(prompt.shape[1] + args.new_tokens, long_ids.shape[1] + 1)
+            cache_len = -(-longest // CACHE_ROUND) * CACHE_ROUND
+        if cache_len:  # one cache for every call below: generate grows it only when a call needs more
+            model.setup_cache(1, cache_len)
+        result["cache_len"] = cache_len
     result["load_s"] = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
     result["weight_bytes"] = weight_bytes(model)
@@ -109,6 +124,19 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def annotate(r: dict[str, Any], rows: list[dict[str, Any]], bandwidth: float) -> None:
+    """Add the roofline and, once transformers' row of that dtype exists, the ratios to it."""
+    if "error" in r:
+        return
+    r["roofline_tok_s"] = bandwidth * 1e9 / r["weight_bytes"]
+    ref = next((x for x in rows if x["dtype"] == r["dtype"] and x["impl"] == "transformers" and "error" not in x),
+               None)
+    if ref is not None:
+        r.update(decode_vs_hf=r["decode_tok_s"][0] / ref["decode_tok_s"][0],
+                 prefill_vs_hf=r["prefill_tok_s"][0] / ref["prefill_tok_s"][0],
+                 same_tokens_as_hf=r["tokens"] == ref["tokens"])
+
+
 def warmup(row: dict[str, Any]) -> str:
     """The first generate call's seconds; for the compiled step, the second process's, then the first's."""
     if row.get("first_start_warmup_s") is not None:
@@ -128,7 +156,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--norm", default=None, help="minillama's norm (a registry name; default: the checkpoint's)")
-    p.add_argument("--json", help="also write all results here")
+    p.add_argument("--cache-len", type=int, default=None, help="minillama's KV-cache slots, set up before the "
+                   "warm-up (default: on CUDA, enough for every call; on a CPU, as generate grows it)")
+    p.add_argument("--json", help="also write all results here (rewritten as each row finishes)")
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -160,7 +190,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--impl", impl, "--dtype", dtype, "--threads", str(args.threads),
                    "--device", args.device, "--new-tokens", str(args.new_tokens), "--prefill", str(args.prefill),
                    "--repeats", str(args.repeats)] + (["--model", args.model] if args.model else []) \
-                + (["--norm", args.norm] if args.norm else [])
+                + (["--norm", args.norm] if args.norm else []) \
+                + (["--cache-len", str(args.cache_len)] if args.cache_len is not None else [])
             # On a CPU the compiled step runs twice against one fresh compile cache: a first start
             # (compiles) and a second start (a new process that loads what the first compiled, see
             # minillama/aot.py); the row is the second's. GPUs compile in-process every time.
@@ -178,6 +209,10 @@ def main() -> None:
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 warmups.append(row["warmup_s"])
             rows.append({**row, "first_start_warmup_s": warmups[0] if len(warmups) == 2 else None})
+            annotate(rows[-1], rows, bandwidth)
+            if args.json:  # as each row finishes: a stopped run keeps what it measured
+                write_json(args.json, {"machine": machine, "bandwidth_gb_s": bandwidth, "threads": args.threads,
+                                       "rows": rows})
             print(f"  measured {impl} {dtype}", file=sys.stderr)
 
     head = ("| dtype | impl | prefill tok/s | x HF | decode tok/s | x HF | roofline tok/s | % roofline "
@@ -188,20 +223,15 @@ def main() -> None:
         if "error" in r:
             print(f"| {r['dtype']} | {r['impl']} | failed: {r['error'][:120]} |")
             continue
-        ref = next(x for x in rows if x["dtype"] == r["dtype"] and x["impl"] == "transformers")
-        roof = bandwidth * 1e9 / r["weight_bytes"]
         pm, pl, ph = r["prefill_tok_s"]
         dm, dl, dh = r["decode_tok_s"]
-        r.update(roofline_tok_s=roof, decode_vs_hf=dm / ref["decode_tok_s"][0],
-                 prefill_vs_hf=pm / ref["prefill_tok_s"][0], same_tokens_as_hf=r["tokens"] == ref["tokens"])
-        print(f"| {r['dtype']} | {r['impl']} | {pm:.0f} [{pl:.0f}-{ph:.0f}] | {r['prefill_vs_hf']:.2f} "
-              f"| {dm:.1f} [{dl:.1f}-{dh:.1f}] | {r['decode_vs_hf']:.2f} | {roof:.0f} | {100 * dm / roof:.0f}% "
-              f"| {r['peak_mem_mb']:.0f} | {r['load_s']:.2f} | {warmup(r)} "
-              f"| {'yes' if r['same_tokens_as_hf'] else 'no'} |")
+        roof = r["roofline_tok_s"]
+        vs = (lambda key: f"{r[key]:.2f}" if key in r else "-")
+        same = {True: "yes", False: "no"}.get(r.get("same_tokens_as_hf"), "-")
+        print(f"| {r['dtype']} | {r['impl']} | {pm:.0f} [{pl:.0f}-{ph:.0f}] | {vs('prefill_vs_hf')} "
+              f"| {dm:.1f} [{dl:.1f}-{dh:.1f}] | {vs('decode_vs_hf')} | {roof:.0f} | {100 * dm / roof:.0f}% "
+              f"| {r['peak_mem_mb']:.0f} | {r['load_s']:.2f} | {warmup(r)} | {same} |")
     shutil.rmtree(compile_cache, ignore_errors=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "bandwidth_gb_s": bandwidth,
-                                               "threads": args.threads, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

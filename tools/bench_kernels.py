@@ -5,7 +5,11 @@ Two times per call, because a GPU runs kernels the way they are issued:
 - eager: wall clock of back-to-back calls from Python, as eager code sees them (host overhead included);
 - device: the calls captured in a CUDA graph and replayed, timed with CUDA events: the kernels alone,
   as inside a CUDA-graph decode step. Inputs rotate through enough buffers that each call reads
-  from HBM, not from the L2 cache. Without CUDA (or if capture fails) device = eager.
+  from HBM, not from the L2 cache. The backward's device time is that of forward + backward
+  captured together on the capture stream (autograd inside the capture, as make_graphed_callables
+  does) minus the forward's; the gradient the replayed graph computes is checked against an eager
+  one. A call that cannot be captured fails its row (an "error" in the JSON), never falls back to
+  the eager time. Without CUDA device = eager.
 Byte model (what a perfect kernel moves): forward reads x (and the residual) and writes y (and h);
 backward reads h and dy (and dh) and writes dx (and d-residual); weights and per-row statistics are
 ignored (O(hidden)). GB/s use the device time; "% copy" divides by a large device-to-device copy
@@ -16,6 +20,7 @@ torch.compile of the transformers-style module, and Liger-Kernel when it is impo
 dependency). On a machine without CUDA our rows are the torch path.
 
     python tools/bench_kernels.py --rows 1,2048,8192 --dtypes bfloat16,float16 --json k.json --plot k.png
+    python tools/bench_kernels.py --rows 8192 --hidden 2048,4096,8192 --no-compile   # gpu_check.sh's grid
     python tools/bench_kernels.py --overhead        # host cost of one call on a tiny tensor (any machine)
 """
 
@@ -33,7 +38,7 @@ import torch._dynamo.config
 import torch._functorch.config
 import torch.nn.functional as F
 
-from benchutil import copy_bandwidth, median_spread, sync
+from benchutil import copy_bandwidth, median_spread, pyplot, sync, write_json
 
 from minillama.kernels import _common, layer_norm, rms_norm
 from minillama.kernels.rms_norm import rms_norm_fwd
@@ -79,33 +84,62 @@ def eager_time(fn: Callable[[int], Any], device: torch.device, calls: int, repea
     return out
 
 
-def device_time(fn: Callable[[int], Any], device: torch.device, calls: int, repeats: int) -> list[float] | None:
-    """Seconds per call with `calls` calls captured in one CUDA graph and replayed; None if not capturable."""
-    if device.type != "cuda":
-        return None
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up (compile, autotune, allocate) outside the capture
-            for i in range(3):
-                fn(i)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(calls):
-                fn(i)
-    except Exception as e:  # an op that syncs or allocates on the host cannot be captured
-        print(f"  (not capturable: {type(e).__name__}; device time from events)", flush=True)
-        return None
-    out = []
-    for _ in range(repeats):
+Capture = Callable[[Callable[[], Any], Callable[[], Any]], tuple[Any, Callable[[], float]]]
+
+
+def cuda_graph(record: Callable[[], Any], warmup: Callable[[], Any]) -> tuple[Any, Callable[[], float]]:
+    """(output of record(), replay() -> seconds of one replay, CUDA events): record() captured into a
+    CUDA graph after warmup() ran on a side stream (compilation, autotuning, allocation and autograd's
+    first use stay outside the capture). The output is the graph's static tensor, as the last replay
+    left it. Raises when record() cannot be captured (an op that syncs with the host, or autograd on
+    graphs built outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        warmup()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = record()
+
+    def replay() -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
-        out.append(start.elapsed_time(end) / 1e3 / calls)
-    return out
+        return start.elapsed_time(end) / 1e3
+
+    return out, replay
+
+
+def device_time(fn: Callable[[int], Any], calls: int, repeats: int,
+                capture: Capture = cuda_graph) -> tuple[list[float], Any]:
+    """(seconds per call over `repeats` replays of `calls` calls captured in one graph, the last
+    call's output as the replays leave it). `capture` makes the graph (the tests pass one that runs
+    on a CPU)."""
+    def record() -> Any:
+        last = None
+        for i in range(calls):
+            last = fn(i)
+        return last
+
+    def warmup() -> None:
+        for i in range(3):
+            fn(i)
+
+    out, replay = capture(record, warmup)
+    return [replay() / calls for _ in range(repeats)], out
+
+
+def check_backward(graph_grad: Any, eager_grad: torch.Tensor) -> None:
+    """The replayed forward + backward graph computed the gradient (an eager call on the same buffer
+    gives the same one): a capture that recorded no backward must fail the row."""
+    if not isinstance(graph_grad, torch.Tensor) or graph_grad.shape != eager_grad.shape:
+        raise RuntimeError("the captured forward + backward returned no gradient")
+    if not torch.allclose(graph_grad.float(), eager_grad.float(), rtol=1e-2, atol=1e-2):
+        err = (graph_grad.float() - eager_grad.float()).abs().max().item()
+        raise RuntimeError(f"the captured backward's gradient differs from eager's (max abs error {err:.3g})")
 
 
 # ---------------------------------------------------------------- the cases
@@ -135,7 +169,12 @@ def impls(norm: str, n: int, w: torch.Tensor, b: torch.Tensor, compile_peer: boo
 
 
 def bench_case(norm: str, dtype: torch.dtype, n: int, rows: int, device: torch.device, args: argparse.Namespace,
-               peak: float) -> list[dict[str, Any]]:
+               peak: float, done: Callable[[dict[str, Any]], None] = lambda row: None,
+               capture: Capture | None = None) -> list[dict[str, Any]]:
+    """One row per implementation; `done(row)` is called as each row finishes. Device times come from
+    graphs made by `capture` (default: CUDA graphs on CUDA, none elsewhere: device = eager)."""
+    if capture is None and device.type == "cuda":
+        capture = cuda_graph
     elem = torch.empty(0, dtype=dtype).element_size()
     fused = norm == "add+rmsnorm"
     fwd_bytes = (4 if fused else 2) * rows * n * elem
@@ -148,15 +187,19 @@ def bench_case(norm: str, dtype: torch.dtype, n: int, rows: int, device: torch.d
     rs = [torch.randn(rows, n, device=device, dtype=dtype) for _ in range(nbuf)] if fused else [None] * nbuf
     dys = [torch.randn(rows, n, device=device, dtype=dtype) for _ in range(nbuf)]
     results = []
+    wanted = args.impls.split(",") if args.impls else None
     for impl, fn in impls(norm, n, w, b, not args.no_compile).items():
+        if wanted is not None and impl not in wanted:
+            continue
         row: dict[str, Any] = {"norm": norm, "dtype": str(dtype).removeprefix("torch."), "hidden": n, "rows": rows,
                                "impl": impl, "fwd_bytes": fwd_bytes, "bwd_bytes": bwd_bytes, "buffers": nbuf}
+        phase = "fwd"
         try:
             def fwd(i: int) -> Any:
                 return fn(xs[i % nbuf], rs[i % nbuf])
 
             grads_in = []
-            for i in range(nbuf):  # one autograd graph per buffer, kept for repeated backward calls
+            for i in range(nbuf):  # one autograd graph per buffer, kept for repeated eager backward calls
                 x = xs[i].detach().requires_grad_()
                 out = fn(x, rs[i])
                 outs = list(out) if isinstance(out, tuple) else [out]
@@ -166,16 +209,40 @@ def bench_case(norm: str, dtype: torch.dtype, n: int, rows: int, device: torch.d
                 outs, x, g = grads_in[i % nbuf]
                 return torch.autograd.grad(outs, x, g, retain_graph=True)
 
-            for phase, call in (("fwd", fwd), ("bwd", bwd)):
-                eager = eager_time(call, device, args.calls, args.repeats)
-                dev = device_time(call, device, args.calls, args.repeats) or eager
-                row[f"{phase}_eager_s"], row[f"{phase}_device_s"] = eager, dev
-                row[f"{phase}_gb_s"] = row[f"{phase}_bytes"] / statistics.median(dev) / 1e9
-                row[f"{phase}_pct_copy"] = 100 * row[f"{phase}_gb_s"] / peak
-        except Exception as e:  # a peer that cannot run this case is reported, not fatal
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            def fwd_bwd(i: int) -> torch.Tensor:
+                """Forward and backward in one call (what a capture can hold: the autograd graph made
+                inside it); returns dx."""
+                x = xs[i % nbuf].detach().requires_grad_()
+                out = fn(x, rs[i % nbuf])
+                outs = list(out) if isinstance(out, tuple) else [out]
+                return torch.autograd.grad(outs, x, [dys[i % nbuf]] * len(outs))[0]
+
+            row["fwd_eager_s"] = eager_time(fwd, device, args.calls, args.repeats)
+            if capture is not None:
+                row["fwd_device_s"], _ = device_time(fwd, args.calls, args.repeats, capture)
+            else:
+                row["fwd_device_s"] = row["fwd_eager_s"]
+            phase = "bwd"
+            row["bwd_eager_s"] = eager_time(bwd, device, args.calls, args.repeats)
+            if capture is not None:
+                both, grad = device_time(fwd_bwd, args.calls, args.repeats, capture)
+                check_backward(grad, fwd_bwd(args.calls - 1))
+                fwd_median = statistics.median(row["fwd_device_s"])
+                if statistics.median(both) <= fwd_median:
+                    raise RuntimeError(f"forward + backward ({statistics.median(both) * 1e6:.1f} us) is no slower "
+                                       f"than the forward alone ({fwd_median * 1e6:.1f} us)")
+                row["fwd_bwd_device_s"] = both
+                row["bwd_device_s"] = [t - fwd_median for t in both]
+            else:
+                row["bwd_device_s"] = row["bwd_eager_s"]
+            for p in ("fwd", "bwd"):
+                row[f"{p}_gb_s"] = row[f"{p}_bytes"] / statistics.median(row[f"{p}_device_s"]) / 1e9
+                row[f"{p}_pct_copy"] = 100 * row[f"{p}_gb_s"] / peak
+        except Exception as e:  # a peer that cannot run (or be captured in) this case fails its row only
+            row["error"] = f"{phase}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         results.append(row)
         print(_md_row(row), flush=True)
+        done(row)
     return results
 
 
@@ -195,20 +262,18 @@ def _md_row(r: dict[str, Any]) -> str:
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     """GB/s (device time) against hidden size, one line per implementation; one panel per norm x pass."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = max(r["rows"] for r in results)
-    dtype = results[0]["dtype"]
-    norms = sorted({r["norm"] for r in results})
+    plt = pyplot()
+    ok = [r for r in results if "error" not in r]
+    if plt is None or not ok:
+        return
+    rows = max(r["rows"] for r in ok)
+    dtype = ok[0]["dtype"]
+    norms = sorted({r["norm"] for r in ok})
     fig, axes = plt.subplots(2, len(norms), figsize=(5 * len(norms), 7), squeeze=False)
     for j, norm in enumerate(norms):
         for i, phase in enumerate(("fwd", "bwd")):
             ax = axes[i][j]
-            sel = [r for r in results if r["norm"] == norm and r["rows"] == rows and r["dtype"] == dtype
-                   and "error" not in r]
+            sel = [r for r in ok if r["norm"] == norm and r["rows"] == rows and r["dtype"] == dtype]
             for impl in dict.fromkeys(r["impl"] for r in sel):
                 pts = sorted((r["hidden"], r[f"{phase}_gb_s"]) for r in sel if r["impl"] == impl)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
@@ -292,6 +357,8 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=None, help="calls per sample (default 50 on CUDA, 5 on CPU)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
+    p.add_argument("--impls", default=None, help="only these implementations (comma-separated row names, "
+                   "e.g. 'torch.compile(HF),torch.compile(F.layer_norm)')")
     p.add_argument("--device", default=None)
     p.add_argument("--overhead", action="store_true", help="only the host cost of one call (tiny tensor)")
     p.add_argument("--torch-path", action="store_true", help="--overhead: our calls on their plain CPU path")
@@ -319,15 +386,21 @@ def main() -> None:
     print("| norm | dtype | hidden | rows | impl | fwd eager us | fwd device us | fwd GB/s | fwd % copy "
           "| bwd eager us | bwd device us | bwd GB/s | bwd % copy |")
     print("|" + "---|" * 13)
-    results = []
+    results: list[dict[str, Any]] = []
+
+    def save(row: dict[str, Any] | None = None) -> None:  # after every row: a stopped run keeps what it measured
+        if row is not None:
+            results.append(row)
+        if args.json:
+            write_json(args.json, {"device": name, "torch": torch.__version__, "copy_gb_s": peak,
+                                   "results": results})
+
+    save()
     for dtype_name in args.dtypes.split(","):
         for norm in args.norms.split(","):
             for n in map(int, args.hidden.split(",")):
                 for rows in rows_list:
-                    results += bench_case(norm, getattr(torch, dtype_name), n, rows, device, args, peak)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "copy_gb_s": peak,
-                                               "results": results}, indent=2))
+                    bench_case(norm, getattr(torch, dtype_name), n, rows, device, args, peak, save)
     if args.plot:
         plot(results, Path(args.plot))
 

@@ -10,7 +10,9 @@ its own process (peak memory is its own): prefill and decode tok/s, the share of
 spent inside norm modules (torch profiler), peak memory, and the output effect: perplexity on a
 fixed text and the KL divergence of next-token distributions from the checkpoint's own norm.
 
-Writes a markdown table to stdout and results.json, results.md and PNG plots to --out.
+Writes a markdown table to stdout and results.json, results.md and PNG plots to --out; results.json
+is rewritten as each row finishes (a stopped run keeps what it measured), the plots come last and
+only where matplotlib is installed.
 
     python tools/bench_norm.py                       # full run
     python tools/bench_norm.py --quick --out out     # under a minute
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchutil import copy_bandwidth, nll_and_kl, sync, timed
+from benchutil import copy_bandwidth, nll_and_kl, pyplot, sync, timed, write_json
 from tqdm import tqdm
 
 REFERENCE_NORM = "rmsnorm-torch"  # the checkpoint's own norm, transformers' numerics
@@ -49,7 +51,9 @@ TEXT = (
 )
 
 
-def op_level(args: argparse.Namespace, norms: list[str], device: torch.device, peak: float) -> list[dict]:
+def op_level(args: argparse.Namespace, norms: list[str], device: torch.device, peak: float,
+             done: Any = lambda row: None) -> list[dict]:
+    """One row per (norm, dtype, hidden, rows); done(row) as each finishes."""
     from minillama.norms import build_norm
 
     rows = []
@@ -77,6 +81,7 @@ def op_level(args: argparse.Namespace, norms: list[str], device: torch.device, p
                            train_gb_s=5 * x.numel() * x.element_size() / statistics.median(train) / 1e9)
             row["fwd_pct_peak"] = 100 * row["fwd_gb_s"] / peak
             rows.append(row)
+            done(row)
     return rows
 
 
@@ -151,7 +156,8 @@ def model_worker(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def model_level(args: argparse.Namespace, norms: list[str], model_dir: Path) -> list[dict]:
+def model_level(args: argparse.Namespace, norms: list[str], model_dir: Path, done: Any = lambda row: None) -> list[dict]:
+    """One row per norm (each in its own process unless --quick); done(row) as each finishes."""
     import warnings
 
     import minillama
@@ -183,6 +189,7 @@ def model_level(args: argparse.Namespace, norms: list[str], model_dir: Path) -> 
                 row = json.loads(out.stdout.strip().splitlines()[-1])
             row["dtype"] = dtype
             rows.append(row)
+            done(row)
     return rows
 
 
@@ -212,11 +219,10 @@ def markdown(meta: dict, ops: list[dict], models: list[dict], train: bool) -> st
 
 
 def plots(out: Path, ops: list[dict], models: list[dict]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The PNGs written (none without matplotlib)."""
+    plt = pyplot()
+    if plt is None or not ops:
+        return []
     written = []
     rows_max = max(r["rows"] for r in ops)
     for dtype in sorted({r["dtype"] for r in ops}):
@@ -293,14 +299,20 @@ def main() -> None:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "bandwidth_gb_s": copy_bandwidth(device),
             "model": str(model_dir) if model_dir else None, "byte_model": "fwd: read x + write y; "
             "fwd+bwd: + read x, dy, write dx"}
-    ops = op_level(args, norms, device, meta["bandwidth_gb_s"])
-    models = [] if args.no_model else model_level(args, norms, model_dir)
+    results: dict[str, Any] = {"meta": meta, "op_level": [], "model_level": [], "plots": []}
+
+    def save(section: str, row: dict) -> None:  # after every row, before any plotting
+        results[section].append(row)
+        write_json(out / "results.json", results)
+
+    write_json(out / "results.json", results)
+    ops = op_level(args, norms, device, meta["bandwidth_gb_s"], lambda row: save("op_level", row))
+    models = [] if args.no_model else model_level(args, norms, model_dir, lambda row: save("model_level", row))
     table = markdown(meta, ops, models, args.train)
     print(table)
     (out / "results.md").write_text(table)
-    pngs = plots(out, ops, models)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "op_level": ops, "model_level": models,
-                                                  "plots": pngs}, indent=2))
+    results["plots"] = plots(out, ops, models)
+    write_json(out / "results.json", results)
 
 
 if __name__ == "__main__":

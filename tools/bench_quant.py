@@ -11,7 +11,9 @@ Per mode (none, int8, int4-g32/g64/g128 by default), each in its own process:
   (teacher-forced, so one early difference does not count twice), and how many tokens the
   free-running continuations share before they first differ.
 transformers' decode in the same dtype runs alongside (tools/bench_generate.py's worker) as the
-reference of the speed ratios. Figures are medians [min-max] over --repeats.
+reference of the speed ratios. Figures are medians [min-max] over --repeats. results.json in --out
+is rewritten as each worker finishes (a stopped run keeps what it measured); results.md and the
+plot (only where matplotlib is installed) come at the end.
 
     python tools/bench_quant.py                                 # SmolLM2, bf16
     python tools/bench_quant.py --modes none,int8,int4-g64+lm_head --dtype float32
@@ -33,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchutil import decode_rate, median_spread, nll_and_kl, read_bandwidth, shakespeare_corpus, timed
+from benchutil import (decode_rate, median_spread, nll_and_kl, pyplot, read_bandwidth, shakespeare_corpus, timed,
+                       write_json)
 
 TOOLS = Path(__file__).resolve().parent
 DEFAULT_MODES = "none,int8,int4-g32,int4-g64,int4-g128"
@@ -179,13 +182,11 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], hf: dict[str, Any
     return "\n".join(lines) + "\n"
 
 
-def plot(out: Path, rows: list[dict[str, Any]], hf: dict[str, Any]) -> str:
-    """Decode speed against perplexity, one point per mode (eager and compiled)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(out: Path, rows: list[dict[str, Any]], hf: dict[str, Any]) -> str | None:
+    """Decode speed against perplexity, one point per mode (eager and compiled); None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, marker, label in (("decode_tok_s", "o", "eager"), ("compiled_decode_tok_s", "s", "compiled")):
         pts = [(r["perplexity"], r[key][0], r["mode"]) for r in rows if r.get(key)]
@@ -263,7 +264,8 @@ def main() -> None:
                 eval_tokens=args.windows * args.seq,
                 eval_text=args.corpus.name if args.corpus else "the Gutenberg Shakespeare", skipped=skipped)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    results: dict[str, Any] = {"meta": meta, "transformers": None, "rows": [], "plots": []}
+    write_json(args.out / "results.json", results)
     with tempfile.TemporaryDirectory() as tmp:
         inputs, reference = Path(tmp) / "inputs.safetensors", Path(tmp) / "reference.safetensors"
         try:
@@ -281,15 +283,20 @@ def main() -> None:
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"bench_quant: worker {name} failed:\n{done.stderr[-3000:]}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            if name == "transformers":
+                results["transformers"] = row
+            else:
+                results["rows"].append(row)
+            write_json(args.out / "results.json", results)  # as each worker finishes, before any plot
             print(f"  measured {name}", file=sys.stderr)
-    hf, rows = rows[0], rows[1:]
+    hf, rows = results["transformers"], results["rows"]
     table = markdown(meta, rows, hf)
     print(table)
     (args.out / "results.md").write_text(table)
     png = plot(args.out, rows, hf)
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "transformers": hf, "rows": rows,
-                                                       "plots": [png]}, indent=2))
+    results["plots"] = [png] if png else []
+    write_json(args.out / "results.json", results)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 import platform
-import socket
+import re
 import statistics
 import subprocess
 import sys
@@ -40,31 +40,31 @@ TOPICS = ["the sea", "a mountain", "bread", "trains", "a library", "winter", "be
           "rivers", "chess", "a lighthouse", "coffee", "maps", "clocks", "gardens"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "minillama.cli", "serve", "--port", str(port), "--max-batch", str(args.max_batch),
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    """`minillama serve --port 0` (the server binds a free port and names it); (process, base URL)."""
+    cmd = [sys.executable, "-m", "minillama.cli", "serve", "--port", "0", "--max-batch", str(args.max_batch),
            "--max-queue", "1024", "--log-level", "warning"]
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--dtype", args.dtype] if args.dtype else []
     cmd += ["--device", args.device] if args.device else []
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while True:
-        if proc.poll() is not None:
-            sys.exit(f"server exited:\n{proc.stderr.read()[-3000:]}")
-        if time.time() > deadline:
+    startup = []
+    while line := proc.stderr.readline():  # the model loads, then the server names its address
+        startup.append(line)
+        if found := re.search(r" on (http://\S+:[1-9]\d*)/v1 ", line):
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+            url = found.group(1)
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                try:
+                    if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                        return proc, url
+                except httpx.HTTPError:
+                    time.sleep(0.25)
             proc.kill()
-            sys.exit("server did not start in 10 minutes")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.25)
+            sys.exit(f"server at {url} did not answer /health in 2 minutes")
+    proc.wait()
+    sys.exit(f"server exited:\n{''.join(startup)[-3000:]}")
 
 
 def one_request(http: httpx.Client, url: str, topic: str, new_tokens: int) -> dict[str, float]:
@@ -143,9 +143,7 @@ def main() -> None:
     bandwidth = read_bandwidth(device)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(args, port)
+    server, url = start_server(args)
     try:
         run_clients(url, 1, 1, 8)  # warm-up: first-call allocations, tokenizer, template
         rows = [run_clients(url, int(c), args.requests, args.new_tokens) for c in args.clients.split(",")]

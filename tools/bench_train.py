@@ -17,6 +17,9 @@ peak RSS while training (weights touched first: transformers maps the checkpoint
     python tools/bench_train.py                            # embedded SmolLM2, fp32, batch 4 x 256
     python tools/bench_train.py --precision bf16 --batch 8 --seq 512 --device cuda --json out.json
     python tools/bench_train.py --compile                  # + minillama with every block compiled
+
+--json is rewritten after every timed round and every memory worker: a run stopped part-way
+keeps the figures of the steps it timed.
 """
 
 from __future__ import annotations
@@ -29,11 +32,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from benchutil import PeakRSS, matmul_flops, median_spread, sync
+from benchutil import PeakRSS, matmul_flops, median_spread, sync, write_json
 
 IMPLS = ("transformers", "minillama")
 
@@ -107,8 +109,10 @@ def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
     return {"peak_mb": rss.peak / 2**20, "above_model_mb": (rss.peak - rss.start) / 2**20}
 
 
-def speed(args: argparse.Namespace, impls: list[str]) -> dict[str, dict[str, Any]]:
-    """Alternating steps of every implementation in this process: tokens/s samples and losses."""
+def speed(args: argparse.Namespace, impls: list[str],
+          on_round: Callable[[dict[str, dict[str, Any]]], None] = lambda results: None) -> dict[str, dict[str, Any]]:
+    """Alternating steps of every implementation in this process: tokens/s samples and losses;
+    on_round(results) after every timed round."""
     from minillama import dist
     from minillama.config import load_config
 
@@ -123,7 +127,25 @@ def speed(args: argparse.Namespace, impls: list[str]) -> dict[str, dict[str, Any
             results[impl]["losses"].append(steps[impl]())
             if i >= args.warmup:
                 results[impl]["tok_s_samples"].append(tokens / (time.perf_counter() - t))
+        if i >= args.warmup:
+            on_round(results)
     return results
+
+
+def summarize(results: dict[str, dict[str, Any]], impls: list[str], flops_per_token: float,
+              peak_flops: float) -> None:
+    """Per implementation with timed steps: tokens/s median [min-max], the ratios to transformers
+    (or the first implementation), model TFLOP/s and % of the matmul roofline."""
+    ref = results.get("transformers") or results[impls[0]]
+    for impl in impls:
+        r = results[impl]
+        if not r["tok_s_samples"] or not ref["tok_s_samples"]:
+            continue
+        m, lo, hi = median_spread(r["tok_s_samples"])
+        tflops = m * flops_per_token / 1e12
+        r.update(impl=impl, tok_s=[m, lo, hi], vs_hf=m / median_spread(ref["tok_s_samples"])[0],
+                 vs_hf_paired=statistics.median(a / b for a, b in zip(r["tok_s_samples"], ref["tok_s_samples"])),
+                 tflops=tflops, roofline_pct=100 * tflops * 1e12 / peak_flops, flops_per_token=flops_per_token)
 
 
 def main() -> None:
@@ -167,7 +189,22 @@ def main() -> None:
           f"steps each after {args.warmup} warm-up; matmul roofline {peak_flops / 1e12:.2f} TFLOP/s "
           f"({str(compute_dtype).removeprefix('torch.')})\n")
 
-    results = speed(args, impls)
+    cfg = load_config(args.model_dir)
+    from minillama import Transformer
+
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in Transformer(cfg).parameters())
+    # 6N per token (forward 2N, backward 4N) + causal attention (6 L h d s: QK^T and AV, half masked, x3).
+    flops_per_token = 6 * n_params + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * args.seq
+
+    def save(results: dict[str, dict[str, Any]]) -> None:
+        summarize(results, impls, flops_per_token, peak_flops)
+        if args.json:
+            write_json(args.json, {"machine": machine, "peak_flops": peak_flops,
+                                   "args": {k: str(v) for k, v in vars(args).items()},
+                                   "rows": [dict(r, impl=impl) for impl, r in results.items()]})
+
+    results = speed(args, impls, save)
     if not args.no_memory:
         for impl in impls:
             cmd = [sys.executable, __file__, "--impl", impl, "--batch", str(args.batch), "--seq", str(args.seq),
@@ -178,33 +215,18 @@ def main() -> None:
             if out.returncode:
                 sys.exit(f"memory worker {impl} failed:\n{out.stderr[-3000:]}")
             results[impl].update(json.loads(out.stdout.strip().splitlines()[-1]))
+            save(results)
 
-    cfg = load_config(args.model_dir)
-    from minillama import Transformer
-
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in Transformer(cfg).parameters())
-    # 6N per token (forward 2N, backward 4N) + causal attention (6 L h d s: QK^T and AV, half masked, x3).
-    flops_per_token = 6 * n_params + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * args.seq
-    ref = results.get("transformers") or results[impls[0]]
     head = ("| impl | tokens/s | x HF (medians) | x HF (per-round median) | model TFLOP/s | % roofline | peak MB "
             "| above model MB | first loss |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for impl in impls:
         r = results[impl]
-        m, lo, hi = median_spread(r["tok_s_samples"])
-        tflops = m * flops_per_token / 1e12
-        r.update(impl=impl, tok_s=[m, lo, hi], vs_hf=m / median_spread(ref["tok_s_samples"])[0],
-                 vs_hf_paired=statistics.median(a / b for a, b in zip(r["tok_s_samples"], ref["tok_s_samples"])),
-                 tflops=tflops, roofline_pct=100 * tflops * 1e12 / peak_flops, flops_per_token=flops_per_token)
+        m, lo, hi = r["tok_s"]
         mem = (f"{r['peak_mb']:.0f} | {r['above_model_mb']:.0f}" if "peak_mb" in r else "- | -")
-        print(f"| {impl} | {m:.0f} [{lo:.0f}-{hi:.0f}] | {r['vs_hf']:.2f} | {r['vs_hf_paired']:.2f} | {tflops:.3f} "
-              f"| {r['roofline_pct']:.0f}% | {mem} | {r['losses'][0]:.5f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "peak_flops": peak_flops,
-                                               "args": {k: str(v) for k, v in vars(args).items()},
-                                               "rows": list(results.values())}, indent=2))
+        print(f"| {impl} | {m:.0f} [{lo:.0f}-{hi:.0f}] | {r['vs_hf']:.2f} | {r['vs_hf_paired']:.2f} "
+              f"| {r['tflops']:.3f} | {r['roofline_pct']:.0f}% | {mem} | {r['losses'][0]:.5f} |")
 
 
 if __name__ == "__main__":

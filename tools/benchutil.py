@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -15,6 +17,29 @@ import torch
 
 from minillama.assets import cache_dir
 from minillama.errors import MinillamaError
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as JSON through a temporary file and a rename: a bench writes its results as rows
+    finish, and a run stopped in the middle of a write keeps the previous complete file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None where matplotlib is not installed (an optional
+    dependency, `minillama[bench]`): the figures are skipped, the JSON written before them stays."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("(matplotlib is not installed: no plots; the JSON results are complete)", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def sync(device: torch.device) -> None:
