@@ -227,24 +227,29 @@ def test_malformed_bodies_unknown_routes_and_the_client_errors(server: Running) 
 
 def test_a_full_queue_answers_503(tiny_chat_dir: Path) -> None:
     running = Running(tiny_chat_dir, max_batch=1, max_queue=0, max_seq_len=4096)
-    step = running.model.forward
+    step, gate, steps = running.model.forward, threading.Event(), []
 
-    def slow_step(*args: Any, **kwargs: Any) -> torch.Tensor:  # the first request holds its row for ~40 s,
-        time.sleep(0.01)  # however busy the machine is (the tiny model alone runs 4000 tokens in ~2 s)
+    def held_step(*args: Any, **kwargs: Any) -> torch.Tensor:
+        steps.append(1)
+        if len(steps) > 8:  # a few tokens in (text shows once a character is whole), the first request
+            gate.wait(60)   # holds its row until the test has asked for a second one, however busy the machine is
         return step(*args, **kwargs)
 
-    running.model.forward = slow_step
+    running.model.forward = held_step
     try:
         body = {"model": NAME, "prompt": "long", "max_tokens": 4000, "temperature": 0, "stream": True}
         with httpx.Client(timeout=30) as http:
             with http.stream("POST", f"{running.url}/v1/completions", json=body) as response:
-                next(line for line in response.iter_lines() if line.startswith("data:"))
+                first = next(line for line in response.iter_lines() if line.startswith("data:"))
+                assert running.engine.rows.count(None) == 0, first  # the one row is taken
                 error = _error(503, http.post(f"{running.url}/v1/completions",
                                               json={"model": NAME, "prompt": "x", "max_tokens": 2}))
                 assert error["code"] == "queue_full"
+                gate.set()
         running.wait_idle(5)
         assert running.client.completions.create(model=NAME, prompt="x", max_tokens=2).usage.completion_tokens == 2
     finally:
+        gate.set()
         running.stop()
 
 
