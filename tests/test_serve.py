@@ -227,25 +227,27 @@ def test_malformed_bodies_unknown_routes_and_the_client_errors(server: Running) 
 
 def test_a_full_queue_answers_503(tiny_chat_dir: Path) -> None:
     running = Running(tiny_chat_dir, max_batch=1, max_queue=0, max_seq_len=4096)
-    step, gate, steps = running.model.forward, threading.Event(), []
+    step, gate = running.model.forward, threading.Event()
 
     def held_step(*args: Any, **kwargs: Any) -> torch.Tensor:
-        steps.append(1)
-        if len(steps) > 8:  # a few tokens in (text shows once a character is whole), the first request
-            gate.wait(60)   # holds its row until the test has asked for a second one, however busy the machine is
+        gate.wait(60)  # the engine holds the first request in its row until the second was refused
         return step(*args, **kwargs)
 
     running.model.forward = held_step
     try:
-        body = {"model": NAME, "prompt": "long", "max_tokens": 4000, "temperature": 0, "stream": True}
+        first = threading.Thread(target=lambda: httpx.post(
+            f"{running.url}/v1/completions", json={"model": NAME, "prompt": "long", "max_tokens": 50}, timeout=120))
+        first.start()
+        deadline = time.time() + 30
+        while running.engine.rows.count(None):  # admitted: the one row is taken, its prefill held
+            assert time.time() < deadline, "the first request never took the row"
+            time.sleep(0.01)
         with httpx.Client(timeout=30) as http:
-            with http.stream("POST", f"{running.url}/v1/completions", json=body) as response:
-                first = next(line for line in response.iter_lines() if line.startswith("data:"))
-                assert running.engine.rows.count(None) == 0, first  # the one row is taken
-                error = _error(503, http.post(f"{running.url}/v1/completions",
-                                              json={"model": NAME, "prompt": "x", "max_tokens": 2}))
-                assert error["code"] == "queue_full"
-                gate.set()
+            error = _error(503, http.post(f"{running.url}/v1/completions",
+                                          json={"model": NAME, "prompt": "x", "max_tokens": 2}))
+            assert error["code"] == "queue_full"
+        gate.set()
+        first.join(60)
         running.wait_idle(5)
         assert running.client.completions.create(model=NAME, prompt="x", max_tokens=2).usage.completion_tokens == 2
     finally:
