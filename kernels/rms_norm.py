@@ -3,8 +3,10 @@
 Numerics (both paths): h = x + residual in promote(x.dtype, residual.dtype), as an unfused model
 adds (a bf16 sublayer output onto an fp32 residual stream stays fp32); statistics and
 normalisation in fp32; the normalised value rounded to h's dtype (HF Llama casting,
-transformers#33133); (weight + offset) formed in fp32, so Gemma's 1 + w never rounds to 1 in
-bf16; the product rounded once to promote(h.dtype, weight.dtype).
+transformers#33133) unless fp32_gain, which multiplies the fp32 value (Gemma, OLMo 2: "cast
+after"); (weight + offset) formed in fp32, so Gemma's 1 + w never rounds to 1 in bf16; the
+product rounded once to promote(h.dtype, weight.dtype). Rows of any length: a q/k norm runs on
+[tokens * heads, head_dim] rows, several to a program.
 
 Forward reads x (and residual) once and writes y (and h) once, keeping the fp32 1/rms per row;
 short rows go several to a program (see _common.launch_config). Backward is one streaming pass
@@ -26,7 +28,8 @@ from ._common import (BWD_STAGES, BWD_TILE_ELEMS, as_rows, bwd_grid, jit, launch
 
 @jit
 def _fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, M, N, eps, offset,
-                HAS_RES: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, SINGLE: tl.constexpr):
+                HAS_RES: tl.constexpr, FP32_GAIN: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                SINGLE: tl.constexpr):
     if SINGLE:  # a tile of ROWS whole rows
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
@@ -35,7 +38,9 @@ def _fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, M, 
         h_ptrs = H + r64 * stride_h + cols[None, :] if HAS_RES else X + r64 * stride_x + cols[None, :]
         hf = load_h(X + r64 * stride_x + cols[None, :], R + r64 * stride_r + cols[None, :], h_ptrs, mask, HAS_RES)
         rstd = tl.rsqrt(tl.sum(hf * hf, axis=1) / N + eps)
-        normed = to_dtype(hf * rstd[:, None], h_ptrs.dtype.element_ty).to(tl.float32)
+        normed = hf * rstd[:, None]
+        if not FP32_GAIN:
+            normed = to_dtype(normed, h_ptrs.dtype.element_ty).to(tl.float32)
         w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32) + offset
         tl.store(Y + r64 * stride_y + cols[None, :], to_dtype(normed * w[None, :], Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + rows, rstd, mask=rows < M)
@@ -56,7 +61,9 @@ def _fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, M, 
             cols = start + tl.arange(0, BLOCK)
             mask = cols < N
             hf = tl.load(H_or_X + cols, mask=mask, other=0.0).to(tl.float32)
-            normed = to_dtype(hf * rstd, H_or_X.dtype.element_ty).to(tl.float32)
+            normed = hf * rstd
+            if not FP32_GAIN:
+                normed = to_dtype(normed, H_or_X.dtype.element_ty).to(tl.float32)
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
             tl.store(Y + cols, to_dtype(normed * w, Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + row, rstd)
@@ -65,7 +72,7 @@ def _fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, M, 
 @jit
 def _bwd_kernel(DY, DH, H, W, RSTD, DX, DR, DW, stride_dy, stride_dh, stride_h, stride_dx, stride_dr,
                 M, N, offset, rows_per_program,
-                HAS_DH: tl.constexpr, STORE_DR: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                HAS_DH: tl.constexpr, STORE_DR: tl.constexpr, FP32_GAIN: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
                 SINGLE: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
@@ -85,8 +92,12 @@ def _bwd_kernel(DY, DH, H, W, RSTD, DX, DR, DW, stride_dy, stride_dh, stride_h, 
             dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)[:, None]
             xhat = h * rstd
-            # dweight sees the normalised value as the forward multiplied it: rounded to h's dtype.
-            dw += tl.sum(dy * to_dtype(xhat, H.dtype.element_ty).to(tl.float32), axis=0)
+            # dweight sees the normalised value as the forward multiplied it: rounded to h's dtype
+            # (unless the gain multiplied it in fp32).
+            if FP32_GAIN:
+                dw += tl.sum(dy * xhat, axis=0)
+            else:
+                dw += tl.sum(dy * to_dtype(xhat, H.dtype.element_ty).to(tl.float32), axis=0)
             g = dy * w[None, :]
             c = tl.sum(g * xhat, axis=1)[:, None] / N
             dx = (g - xhat * c) * rstd
@@ -126,17 +137,24 @@ def _bwd_kernel(DY, DH, H, W, RSTD, DX, DR, DW, stride_dy, stride_dh, stride_h, 
                 if STORE_DR:
                     tl.store(DR + row64 * stride_dr + cols, to_dtype(dx, DR.dtype.element_ty), mask=mask)
                 part = tl.load(DW + cols, mask=mask, other=0.0)
-                tl.store(DW + cols, part + dy * to_dtype(xhat, H.dtype.element_ty).to(tl.float32), mask=mask)
+                if not FP32_GAIN:
+                    xhat = to_dtype(xhat, H.dtype.element_ty).to(tl.float32)
+                tl.store(DW + cols, part + dy * xhat, mask=mask)
 
 
 # ---------------------------------------------------------------- the two implementations of each op
 
-def _fwd_torch(x, weight, residual, eps, offset, with_rstd=True):
+def _fwd_torch(x, weight, residual, eps, offset, fp32_gain, with_rstd=True):
     h = x if residual is None else x + residual
     hf = h.float()
     # F.rms_norm in fp32 is transformers' hf * rsqrt(mean(hf^2) + eps) bit for bit (tests/test_norms.py),
     # in one kernel instead of five: that matters in eager decoding, where every op is overhead.
-    normed = F.rms_norm(hf, (hf.shape[-1],), None, eps).to(h.dtype)
+    normed = F.rms_norm(hf, (hf.shape[-1],), None, eps)
+    if fp32_gain:  # Gemma / OLMo 2: the gain multiplies the fp32 value, one rounding after
+        y = (normed * (weight.float() + offset)).to(torch.promote_types(h.dtype, weight.dtype))
+        rstd = torch.rsqrt(hf.pow(2).mean(-1) + eps) if with_rstd else None
+        return y, h, rstd
+    normed = normed.to(h.dtype)
     if offset:
         y = (normed.float() * (weight.float() + offset)).to(torch.promote_types(h.dtype, weight.dtype))
     else:  # the same numbers (torch multiplies low-precision tensors in fp32, rounding once), fewer passes
@@ -145,7 +163,7 @@ def _fwd_torch(x, weight, residual, eps, offset, with_rstd=True):
     return y, h, rstd
 
 
-def _bwd_torch(dy, dh, h, weight, rstd, offset):
+def _bwd_torch(dy, dh, h, weight, rstd, offset, fp32_gain):
     hf, dyf = h.float(), dy.float()
     rstd = rstd.unsqueeze(-1)
     xhat = hf * rstd
@@ -153,11 +171,11 @@ def _bwd_torch(dy, dh, h, weight, rstd, offset):
     dx = (g - xhat * (g * xhat).mean(-1, keepdim=True)) * rstd
     if dh is not None:
         dx = dx + dh.float()
-    dw = (dyf * xhat.to(h.dtype).float()).reshape(-1, h.shape[-1]).sum(0)
+    dw = (dyf * (xhat if fp32_gain else xhat.to(h.dtype).float())).reshape(-1, h.shape[-1]).sum(0)
     return dx.to(h.dtype), dw.to(weight.dtype)
 
 
-def _fwd_triton(x, weight, residual, eps, offset):
+def _fwd_triton(x, weight, residual, eps, offset, fp32_gain):
     n = x.shape[-1]
     x2 = as_rows(x, n)
     r2 = as_rows(residual, n) if residual is not None else x2
@@ -171,14 +189,14 @@ def _fwd_triton(x, weight, residual, eps, offset):
         with launch_guard(x, "rms_norm_fwd"):
             _fwd_kernel[(-(-rows // cfg.rows),)](
                 x2, r2, weight.contiguous(), y, h, rstd, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0),
-                rows, n, eps, offset, HAS_RES=residual is not None, BLOCK=cfg.block, ROWS=cfg.rows,
+                rows, n, eps, offset, HAS_RES=residual is not None, FP32_GAIN=fp32_gain, BLOCK=cfg.block, ROWS=cfg.rows,
                 SINGLE=cfg.single, num_warps=cfg.num_warps)
     shape = x.shape
     h_out = h.view(shape) if residual is not None else x
     return y.view(shape), h_out, rstd.view(shape[:-1])
 
 
-def _bwd_triton(dy, dh, h, weight, rstd, offset, store_dr):
+def _bwd_triton(dy, dh, h, weight, rstd, offset, fp32_gain, store_dr):
     n = h.shape[-1]
     dy2, h2 = as_rows(dy, n), as_rows(h, n)
     dh2 = as_rows(dh, n) if dh is not None else dy2
@@ -193,7 +211,7 @@ def _bwd_triton(dy, dh, h, weight, rstd, offset, store_dr):
             _bwd_kernel[(programs,)](
                 dy2, dh2, h2, weight.contiguous(), rstd.reshape(-1), dx, dr, partial,
                 dy2.stride(0), dh2.stride(0), h2.stride(0), dx.stride(0), dr.stride(0), rows, n, offset, per_program,
-                HAS_DH=dh is not None, STORE_DR=store_dr, BLOCK=cfg.block, ROWS=cfg.rows, SINGLE=cfg.single,
+                HAS_DH=dh is not None, STORE_DR=store_dr, FP32_GAIN=fp32_gain, BLOCK=cfg.block, ROWS=cfg.rows, SINGLE=cfg.single,
                 STAGES=BWD_STAGES, num_warps=cfg.num_warps)
         dw = partial.sum(0)
     else:
@@ -201,16 +219,16 @@ def _bwd_triton(dy, dh, h, weight, rstd, offset, store_dr):
     return dx.view(h.shape), (dr.view(h.shape) if store_dr else None), dw.to(weight.dtype)
 
 
-def _fwd(x, weight, residual, eps, offset):
+def _fwd(x, weight, residual, eps, offset, fp32_gain):
     """(y, h, rstd) on the tensor's path: the Triton kernel or the torch code (h is x without residual)."""
-    return (_fwd_triton if use_triton(x) else _fwd_torch)(x, weight, residual, eps, offset)
+    return (_fwd_triton if use_triton(x) else _fwd_torch)(x, weight, residual, eps, offset, fp32_gain)
 
 
-def _bwd(dy, dh, h, weight, rstd, offset, has_residual):
+def _bwd(dy, dh, h, weight, rstd, offset, fp32_gain, has_residual):
     """(dx, dresidual or None, dweight) on the tensor's path."""
     if use_triton(h):
-        return _bwd_triton(dy, dh, h, weight, rstd, offset, has_residual)
-    dx, dw = _bwd_torch(dy, dh, h, weight, rstd, offset)
+        return _bwd_triton(dy, dh, h, weight, rstd, offset, fp32_gain, has_residual)
+    dx, dw = _bwd_torch(dy, dh, h, weight, rstd, offset, fp32_gain)
     return dx, (dx.clone() if has_residual else None), dw  # two gradients must never share storage
 
 
@@ -218,14 +236,14 @@ def _bwd(dy, dh, h, weight, rstd, offset, has_residual):
 
 @torch.library.custom_op("minillama::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float,
-                 offset: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 offset: float, fp32_gain: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, rstd); h is x + residual (an empty tensor without residual, since outputs may not alias inputs)."""
-    y, h, rstd = _fwd(x, weight, residual, eps, offset)
+    y, h, rstd = _fwd(x, weight, residual, eps, offset, fp32_gain)
     return y, (h if residual is not None else x.new_empty(0)), rstd
 
 
 @rms_norm_fwd.register_fake
-def _(x, weight, residual, eps, offset):
+def _(x, weight, residual, eps, offset, fp32_gain):
     h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     y = x.new_empty(x.shape, dtype=torch.promote_types(h_dtype, weight.dtype))
     h = x.new_empty(x.shape, dtype=h_dtype) if residual is not None else x.new_empty(0)
@@ -234,29 +252,30 @@ def _(x, weight, residual, eps, offset):
 
 @torch.library.custom_op("minillama::rms_norm_bwd", mutates_args=())
 def rms_norm_bwd(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor,
-                 rstd: torch.Tensor, offset: float, has_residual: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 rstd: torch.Tensor, offset: float, fp32_gain: bool,
+                 has_residual: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dresidual, dweight); dresidual is empty without residual."""
-    dx, dr, dw = _bwd(dy, dh, h, weight, rstd, offset, has_residual)
+    dx, dr, dw = _bwd(dy, dh, h, weight, rstd, offset, fp32_gain, has_residual)
     return dx, (dr if has_residual else h.new_empty(0)), dw
 
 
 @rms_norm_bwd.register_fake
-def _(dy, dh, h, weight, rstd, offset, has_residual):
+def _(dy, dh, h, weight, rstd, offset, fp32_gain, has_residual):
     return torch.empty_like(h), (torch.empty_like(h) if has_residual else h.new_empty(0)), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, residual, eps, offset = inputs
+    x, weight, residual, eps, offset, fp32_gain = inputs
     _, h, rstd = output
     ctx.save_for_backward(h if residual is not None else x, weight, rstd)
-    ctx.offset, ctx.has_residual = offset, residual is not None
+    ctx.offset, ctx.fp32_gain, ctx.has_residual = offset, fp32_gain, residual is not None
 
 
 def _backward(ctx, dy, dh, drstd):
     h, weight, rstd = ctx.saved_tensors
     dh = dh if ctx.has_residual and dh is not None and dh.numel() else None
-    dx, dr, dw = rms_norm_bwd(dy, dh, h, weight, rstd, ctx.offset, ctx.has_residual)
-    return dx, dw, (dr if ctx.has_residual else None), None, None
+    dx, dr, dw = rms_norm_bwd(dy, dh, h, weight, rstd, ctx.offset, ctx.fp32_gain, ctx.has_residual)
+    return dx, dw, (dr if ctx.has_residual else None), None, None, None
 
 
 rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -267,10 +286,10 @@ class _EagerRMSNorm(torch.autograd.Function):
     more host time than the kernels at small sizes (tools/bench_kernels.py --overhead)."""
 
     @staticmethod
-    def forward(ctx, x, weight, residual, eps, offset):
-        y, h, rstd = _fwd(x, weight, residual, eps, offset)
+    def forward(ctx, x, weight, residual, eps, offset, fp32_gain):
+        y, h, rstd = _fwd(x, weight, residual, eps, offset, fp32_gain)
         ctx.save_for_backward(h, weight, rstd)
-        ctx.offset, ctx.has_residual = offset, residual is not None
+        ctx.offset, ctx.fp32_gain, ctx.has_residual = offset, fp32_gain, residual is not None
         ctx.set_materialize_grads(False)  # an unused h gets no gradient: no zeros to read
         return (y, h) if residual is not None else y
 
@@ -279,15 +298,19 @@ class _EagerRMSNorm(torch.autograd.Function):
         h, weight, rstd = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros(h.shape, dtype=torch.promote_types(h.dtype, weight.dtype), device=h.device)
-        dx, dr, dw = _bwd(dy, dh, h, weight, rstd, ctx.offset, ctx.has_residual)
-        return dx, dw, dr, None, None
+        dx, dr, dw = _bwd(dy, dh, h, weight, rstd, ctx.offset, ctx.fp32_gain, ctx.has_residual)
+        return dx, dw, dr, None, None, None
 
 
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
-    residual: torch.Tensor | None = None, offset: float = 0.0,
+    residual: torch.Tensor | None = None, offset: float = 0.0, fp32_gain: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of x (or of h = x + residual, returning (y, h)) over the last dimension.
+
+    offset: the gain is weight + offset (Gemma: 1). fp32_gain: multiply the gain into the fp32
+    normalised value and round once (Gemma, OLMo 2), instead of rounding it to the input dtype first
+    (Llama).
 
     Triton on CUDA or under TRITON_INTERPRET=1, torch otherwise; same numbers either way. Under
     torch.compile the call is the custom op; eagerly it skips the op's dispatch (no gradient
@@ -297,13 +320,13 @@ def rms_norm(
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
-    eps, offset = float(eps), float(offset)
+    eps, offset, fp32_gain = float(eps), float(offset), bool(fp32_gain)
     if not _common.use_op(x):
-        y, h, _ = _fwd_torch(x, weight, residual, eps, offset, with_rstd=False)
+        y, h, _ = _fwd_torch(x, weight, residual, eps, offset, fp32_gain, with_rstd=False)
     elif torch.compiler.is_compiling():
-        y, h, _ = rms_norm_fwd(x, weight, residual, eps, offset)
+        y, h, _ = rms_norm_fwd(x, weight, residual, eps, offset, fp32_gain)
     elif _common.needs_grad(x, weight, residual):
-        return _EagerRMSNorm.apply(x, weight, residual, eps, offset)
+        return _EagerRMSNorm.apply(x, weight, residual, eps, offset, fp32_gain)
     else:
-        y, h, _ = _fwd(x, weight, residual, eps, offset)
+        y, h, _ = _fwd(x, weight, residual, eps, offset, fp32_gain)
     return (y, h) if residual is not None else y

@@ -45,32 +45,61 @@ class Target:
     stop: int | None = None
 
 
+@dataclass(frozen=True)
+class Names:
+    """A family's HF tensor names, where they differ from Llama's."""
+
+    fused_qkv: bool = False  # one self_attn.qkv_proj (rows q, k, v) instead of q_proj, k_proj, v_proj
+    fused_gate_up: bool = False  # one mlp.gate_up_proj (rows gate, up) instead of gate_proj, up_proj
+
+
+# model_type -> its names; a family not listed uses Llama's. Norm names follow ModelConfig.norm_placement.
+NAMES: dict[str, Names] = {"phi3": Names(fused_qkv=True, fused_gate_up=True)}
+# HF's per-layer norm names -> ours, by where the norms sit. HF's "post_attention_layernorm" is
+# Llama's pre-MLP norm but Gemma 2's and OLMo 2's norm of the attention output.
+NORM_SITES = {
+    "pre": {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"},
+    "sandwich": {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attn_norm",
+                 "pre_feedforward_layernorm": "mlp_norm", "post_feedforward_layernorm": "post_mlp_norm"},
+    "post": {"post_attention_layernorm": "post_attn_norm", "post_feedforward_layernorm": "post_mlp_norm"},
+}
+
+
 def hf_layout(cfg: ModelConfig) -> dict[str, Target]:
     """HF tensor name -> Target, for every tensor a checkpoint of `cfg` holds."""
     hd, q, kv, inter = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
-    # Llama/Mistral checkpoints hold RMSNorm gains only; a swapped-in norm takes them as its
-    # `weight` and starts its other parameters from Norm.reset_unloaded().
-    norm_params = ["weight"]
+    names = NAMES.get(cfg.model_type, Names())
+    # Checkpoints hold RMSNorm gains only; a swapped-in norm takes them as its `weight` and starts
+    # its other parameters from Norm.reset_unloaded().
     layout: dict[str, Target] = {"model.embed_tokens.weight": Target("embed.weight")}
     if not cfg.tie_word_embeddings:
         layout["lm_head.weight"] = Target("lm_head.weight")
-    for p in norm_params:
-        layout[f"model.norm.{p}"] = Target(f"norm.{p}")
-    attn_params = ["weight", "bias"] if cfg.attention_bias else ["weight"]
+    layout["model.norm.weight"] = Target("norm.weight")
+    qkv_params = ["weight", "bias"] if cfg.qkv_bias else ["weight"]
+    o_params = ["weight", "bias"] if cfg.o_bias else ["weight"]
     mlp_params = ["weight", "bias"] if cfg.mlp_bias else ["weight"]
     for i in range(cfg.num_hidden_layers):
         hf, ours = f"model.layers.{i}", f"layers.{i}"
-        for p in norm_params:
-            layout[f"{hf}.input_layernorm.{p}"] = Target(f"{ours}.attn_norm.{p}")
-            layout[f"{hf}.post_attention_layernorm.{p}"] = Target(f"{ours}.mlp_norm.{p}")
+        for hf_norm, our_norm in NORM_SITES[cfg.norm_placement].items():
+            layout[f"{hf}.{hf_norm}.weight"] = Target(f"{ours}.{our_norm}.weight")
+        if cfg.qk_norm is not None:
+            for n in ("q_norm", "k_norm"):
+                layout[f"{hf}.self_attn.{n}.weight"] = Target(f"{ours}.attn.{n}.weight")
         rows = {"q_proj": (0, q * hd), "k_proj": (q * hd, (q + kv) * hd), "v_proj": ((q + kv) * hd, (q + 2 * kv) * hd)}
-        for p in attn_params:
-            for proj, (start, stop) in rows.items():
-                layout[f"{hf}.self_attn.{proj}.{p}"] = Target(f"{ours}.attn.wqkv.{p}", start, stop)
+        for p in qkv_params:
+            if names.fused_qkv:
+                layout[f"{hf}.self_attn.qkv_proj.{p}"] = Target(f"{ours}.attn.wqkv.{p}")
+            else:
+                for proj, (start, stop) in rows.items():
+                    layout[f"{hf}.self_attn.{proj}.{p}"] = Target(f"{ours}.attn.wqkv.{p}", start, stop)
+        for p in o_params:
             layout[f"{hf}.self_attn.o_proj.{p}"] = Target(f"{ours}.attn.wo.{p}")
         for p in mlp_params:
-            layout[f"{hf}.mlp.gate_proj.{p}"] = Target(f"{ours}.mlp.w_gate_up.{p}", 0, inter)
-            layout[f"{hf}.mlp.up_proj.{p}"] = Target(f"{ours}.mlp.w_gate_up.{p}", inter, 2 * inter)
+            if names.fused_gate_up:
+                layout[f"{hf}.mlp.gate_up_proj.{p}"] = Target(f"{ours}.mlp.w_gate_up.{p}")
+            else:
+                layout[f"{hf}.mlp.gate_proj.{p}"] = Target(f"{ours}.mlp.w_gate_up.{p}", 0, inter)
+                layout[f"{hf}.mlp.up_proj.{p}"] = Target(f"{ours}.mlp.w_gate_up.{p}", inter, 2 * inter)
             layout[f"{hf}.mlp.down_proj.{p}"] = Target(f"{ours}.mlp.w_down.{p}")
     if cfg.quantization is not None:
         _add_quantized(layout, cfg)

@@ -1,7 +1,10 @@
-"""The decoder: pre-norm blocks of grouped-query attention and SwiGLU, with RoPE and tied embeddings.
+"""The decoder: blocks of grouped-query attention and a gated MLP (SwiGLU, GeGLU), with RoPE and
+tied embeddings, for every family in config.FAMILIES.
 
 Layout choices: q/k/v are one fused projection and gate/up another (fewer, larger matmuls;
-checkpoint.py slices HF's separate tensors into them). Norms come from the registry by name.
+checkpoint.py slices HF's separate tensors into them). Norms come from the registry by name, at
+every site (pre, post, q/k, final). What a family does differently is a ModelConfig field; the
+optional parts it switches are None when unused, so Llama's path stays as short as it was.
 """
 
 from __future__ import annotations
@@ -48,37 +51,71 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str = "input_ids")
         raise GenerationError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
-class Attention(nn.Module):
-    """Multi-head attention with n_kv <= n_heads key/value heads (MHA, GQA, MQA)."""
+def _norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    """One norm site of `cfg`'s model: the registry's norm with the family's gain."""
+    return build_norm(cfg.norm, dim, cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_fp32_gain)
 
-    def __init__(self, cfg: ModelConfig) -> None:
+
+class Attention(nn.Module):
+    """Multi-head attention with n_kv <= n_heads key/value heads (MHA, GQA, MQA).
+
+    Optional parts, switched by the config: biases (q/k/v, o), q/k RMSNorm over each head or the
+    whole projection, partial or no RoPE (the caller passes cos/sin or None), a score scale and a
+    tanh soft-cap on the scores.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        self.qk_dim = q_dim + kv_dim
-        self.wqkv = Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.attention_bias)
-        self.wo = Linear(q_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_dim, self.qk_dim = q_dim, q_dim + kv_dim
+        self.wqkv = Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.wo = Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm is not None:  # "head": over each head's head_dim; "proj": over the whole projection
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = _norm(cfg, self.head_dim if per_head else q_dim)
+            self.k_norm = _norm(cfg, self.head_dim if per_head else kv_dim)
+        self.scale = cfg.attn_scale  # None: SDPA's head_dim ** -0.5
+        self.softcap = cfg.attn_softcap
         self.kv_cache: KVCache | None = None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
         mask: torch.Tensor | None, input_pos: torch.Tensor | None, kv_len: int, causal: bool,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         qkv = self.wqkv(x)
-        # q and k heads side by side take one rotation (half the small ops of an eager decode step).
-        qk = apply_rope(qkv[..., :self.qk_dim].view(bsz, seqlen, self.n_heads + self.n_kv, self.head_dim), cos, sin)
-        q, k = (t.transpose(1, 2) for t in qk.split((self.n_heads, self.n_kv), dim=2))
+        if self.q_norm is None:
+            # q and k heads side by side take one rotation (half the small ops of an eager decode step).
+            qk = qkv[..., :self.qk_dim].view(bsz, seqlen, self.n_heads + self.n_kv, self.head_dim)
+            if cos is not None:
+                qk = apply_rope(qk, cos, sin)
+            q, k = qk.split((self.n_heads, self.n_kv), dim=2)
+        else:
+            q, k = qkv[..., :self.q_dim], qkv[..., self.q_dim:self.qk_dim]
+            if self.qk_norm == "proj":  # OLMo 2: before the split into heads
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = q.reshape(bsz, seqlen, self.n_heads, self.head_dim)
+            k = k.reshape(bsz, seqlen, self.n_kv, self.head_dim)
+            if self.qk_norm == "head":  # Qwen3, Gemma 3: rows of head_dim
+                q, k = self.q_norm(q), self.k_norm(k)
+            if cos is not None:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = qkv[..., self.qk_dim:].view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, kv_len, rows)
         if seqlen == 1 and torch.compiler.is_compiling():
             y = self._one_query(q, k, v, mask)
+        elif self.softcap is not None:
+            y = self._softcapped(q, k, v, mask, causal)
         else:
             # causal (given, with no mask): SDPA's causal mask, aligned to the first key.
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads
+                q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.n_kv != self.n_heads
             )
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -88,11 +125,27 @@ class Attention(nn.Module):
         one query over a masked static cache (profiled: a quarter of an int8 SmolLM2 step)."""
         bsz, _, _, hd = q.shape
         qg = q.view(bsz, self.n_kv, self.n_heads // self.n_kv, hd).float()  # query heads grouped by kv head
-        scores = qg @ k.float().transpose(-1, -2) * hd**-0.5  # [batch, kv heads, group, keys]
+        scores = qg @ k.float().transpose(-1, -2) * (self.scale if self.scale is not None else hd**-0.5)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))  # mask [batch|1, 1, 1, keys] broadcasts
         y = torch.softmax(scores, dim=-1) @ v.float()
         return y.view(bsz, self.n_heads, 1, hd).to(q.dtype)
+
+    def _softcapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    causal: bool) -> torch.Tensor:
+        """Attention with tanh-capped scores (Gemma 2), which SDPA cannot do: scores in the model
+        dtype, capped, masked, a softmax in fp32 rounded back, as transformers' eager attention."""
+        if self.n_kv != self.n_heads:
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv, dim=1) for t in (k, v))
+        scores = q @ k.transpose(-1, -2) * (self.scale if self.scale is not None else self.head_dim**-0.5)
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if mask is None and causal:  # aligned to the first key, as SDPA's is_causal
+            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -110,29 +163,53 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: h = x + attn(norm(x)); out = h + mlp(norm(h)) (the last add is the next norm's)."""
+    """One residual block. Pre-norm (Llama): h = x + attn(norm(x)); out = h + mlp(norm(h)). Post-norm
+    (OLMo 2): h = x + norm(attn(x)). Sandwich (Gemma 2/3): both. The add of each sublayer's output
+    happens in the next norm (the pre-norm's fused "add, then normalise" kernel) or, without one, here.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    What differs per layer (sliding window, which RoPE) is read from the config once, here.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
-        self.attn_norm = build_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
-        self.mlp_norm = build_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps)
+        pre, post = cfg.norm_placement in ("pre", "sandwich"), cfg.norm_placement in ("post", "sandwich")
+        self.attn_norm = _norm(cfg, cfg.hidden_size) if pre else None
+        self.attn = Attention(cfg, layer)
+        self.post_attn_norm = _norm(cfg, cfg.hidden_size) if post else None
+        self.mlp_norm = _norm(cfg, cfg.hidden_size) if pre else None
         self.mlp = MLP(cfg)
+        self.post_mlp_norm = _norm(cfg, cfg.hidden_size) if post else None
+        self.residual_scale = cfg.residual_scale  # Granite scales each sublayer's output
+        self.window = cfg.layer_window(layer)  # picks this layer's mask in Transformer.forward
+        self.rope_kind = cfg.layer_rope(layer)  # "global", "local" or None (no RoPE)
+
+    def _sublayer_out(self, y: torch.Tensor, post_norm: nn.Module | None) -> torch.Tensor:
+        if post_norm is not None:
+            y = post_norm(y)
+        return y if self.residual_scale == 1.0 else y * self.residual_scale
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
         mask: torch.Tensor | None, input_pos: torch.Tensor | None, kv_len: int, causal: bool,
         rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mlp output, residual stream): the add of each sublayer's output happens in the next norm,
-        so a fused norm does "add, then normalise" in one kernel."""
-        y, h = self.attn_norm.add_norm(x, residual)
-        y, h = self.mlp_norm.add_norm(self.attn(y, cos, sin, mask, input_pos, kv_len, causal, rows), h)
-        return self.mlp(y), h
+        """(mlp output, residual stream): the mlp output is added by the next block (or the final norm)."""
+        y, h = _add_norm(self.attn_norm, x, residual)
+        a = self._sublayer_out(self.attn(y, cos, sin, mask, input_pos, kv_len, causal, rows), self.post_attn_norm)
+        y, h = _add_norm(self.mlp_norm, a, h)
+        return self._sublayer_out(self.mlp(y), self.post_mlp_norm), h
+
+
+def _add_norm(norm: nn.Module | None, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(h), h) with h = x + residual; (h, h) where the block has no norm there (post-norm)."""
+    if norm is not None:
+        return norm.add_norm(x, residual)
+    h = x if residual is None else x + residual
+    return h, h
 
 
 class Transformer(nn.Module):
-    """A LLaMA/Mistral decoder. `model(input_ids)` returns logits [batch, seq, vocab]."""
+    """A decoder of any family in config.FAMILIES. `model(input_ids)` returns logits [batch, seq, vocab]."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -141,15 +218,22 @@ class Transformer(nn.Module):
         # Training: recompute each block's activations in backward instead of storing them.
         self.gradient_checkpointing = False
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = build_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = _norm(cfg, cfg.hidden_size)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         with torch.device("cpu"):  # frequencies are real numbers even when the model is built on meta
             self.rope = RotaryEmbedding(cfg)
+            # Gemma 3's sliding layers turn at their own base: a second set of frequencies.
+            self.rope_local = RotaryEmbedding(cfg, cfg.rope_local) if cfg.rope_local is not None else None
         if self.embed.weight.device.type != "meta":
-            self.rope.place(self.embed.weight.device)  # built under torch.device("cuda"): there from the start
+            self._place_rope(self.embed.weight.device)  # built under torch.device("cuda"): there from the start
             self.init_weights()
+
+    def _place_rope(self, device: torch.device | str) -> None:
+        for rope in (self.rope, self.rope_local):
+            if rope is not None:
+                rope.place(device)
 
     def train(self, mode: bool = True) -> Transformer:
         """As nn.Module.train; training also drops the prepacked inference copies (minillama/linear.py)."""
@@ -204,7 +288,7 @@ class Transformer(nn.Module):
                 )
             # The rotary frequencies where the positions will be (normally there since the load):
             # a forward that moved them would make a compiled one guard on the old device.
-            self.rope.place(device or self.input_device)
+            self._place_rope(device or self.input_device)
 
     @property
     def input_device(self) -> torch.device:
@@ -251,15 +335,15 @@ class Transformer(nn.Module):
                                   f"[0, {cache.max_seq_len}) (setup_cache(max_seq_len=...))")
 
     def _mask(
-        self, q_pos: torch.Tensor, kv_len: int, padding_mask: torch.Tensor | None
+        self, q_pos: torch.Tensor, kv_len: int, padding_mask: torch.Tensor | None, window: int | None
     ) -> torch.Tensor:
         """Boolean mask [batch|1, 1, q, kv] for query slots q_pos ([q] or [batch, q]): causal, within
-        the sliding window, not padding."""
+        the sliding window (if any), not padding."""
         q_pos = q_pos[None] if q_pos.dim() == 1 else q_pos
         diff = q_pos[:, None, :, None] - torch.arange(kv_len, device=q_pos.device)
         allowed = diff >= 0
-        if self.config.sliding_window is not None:
-            allowed &= diff < self.config.sliding_window
+        if window is not None:
+            allowed &= diff < window
         if padding_mask is not None:
             # Every query keeps its own key: a padded query would otherwise see nothing and turn into NaN.
             allowed = (allowed & padding_mask[:, None, None, :kv_len].bool()) | (diff == 0)
@@ -321,22 +405,28 @@ class Transformer(nn.Module):
                 kv_len = self.cache_len if static else int(input_pos.max()) + 1
         if position_ids is None:
             position_ids = q_pos if q_pos.dim() == 2 else q_pos[None]
-        # No mask when causal attention says it all: a prompt from slot 0, or one token reading
-        # every slot up to its own (rows at different slots always need one).
-        window = self.config.sliding_window
-        unmasked = (padding_mask is None and (window is None or kv_len <= window) and q_pos.dim() == 1
-                    and (kv_len == seqlen or (seqlen == 1 and not static)))
-        mask = None if unmasked else self._mask(q_pos, kv_len, padding_mask)
-        # Unmasked, one query sees every key it is given (SDPA's is_causal would align it to the
-        # first key); several start from key 0, where both alignments agree. Decided here, where the
-        # length is a number (inside a compiled block it may be symbolic) and made a plain bool even
-        # where it is symbolic here too (a compiled prefill): SDPA takes no SymBool.
-        causal = True if unmasked and seqlen > 1 else False
+        # One mask per distinct window among the layers (full and sliding layers differ). No mask
+        # when causal attention says it all: a prompt from slot 0, or one token reading every slot
+        # up to its own (rows at different slots always need one).
+        masks: dict[int | None, tuple[torch.Tensor | None, bool]] = {}
+        for window in {layer.window for layer in self.layers}:
+            unmasked = (padding_mask is None and (window is None or kv_len <= window) and q_pos.dim() == 1
+                        and (kv_len == seqlen or (seqlen == 1 and not static)))
+            # Unmasked, one query sees every key it is given (SDPA's is_causal would align it to the
+            # first key); several start from key 0, where both alignments agree. Decided here, where
+            # the length is a number (inside a compiled block it may be symbolic) and made a plain
+            # bool even where it is symbolic here too (a compiled prefill): SDPA takes no SymBool.
+            masks[window] = (None if unmasked else self._mask(q_pos, kv_len, padding_mask, window),
+                             True if unmasked and seqlen > 1 else False)
 
-        x = self.embed(input_ids)
-        cos, sin = (t.unsqueeze(2) for t in self.rope(position_ids, x.dtype))  # [batch, seq, 1 (heads), dim]
+        x = self._embed(input_ids)
+        ropes = {None: (None, None)}
+        for kind, rope in (("global", self.rope), ("local", self.rope_local)):
+            if rope is not None:  # [batch, seq, 1 (heads), rotary dim]
+                ropes[kind] = tuple(t.unsqueeze(2) for t in rope(position_ids, x.dtype))
         residual = None
         for layer in self.layers:
+            (cos, sin), (mask, causal) = ropes[layer.rope_kind], masks[layer.window]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, residual = checkpoint(layer, x, residual, cos, sin, mask, input_pos, kv_len, causal,
                                           cache_rows, use_reentrant=False)
@@ -345,8 +435,30 @@ class Transformer(nn.Module):
         if last_only:
             x, residual = x[:, -1:], (residual[:, -1:] if residual is not None else None)
         x = self.norm.add_norm(x, residual)[0]
+        shaped = self.config.logits_divisor != 1.0 or self.config.final_softcap is not None
         if labels is not None:
-            if type(self.lm_head) is not Linear:  # e.g. wrapped by a LoRA adapter: the plain path
-                return reference_cross_entropy(self.lm_head(x), labels)
+            if type(self.lm_head) is not Linear or shaped:  # e.g. wrapped by a LoRA adapter: the plain path
+                return reference_cross_entropy(self._shape_logits(self.lm_head(x)), labels)
             return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, labels.flatten())
-        return self.lm_head(x)
+        return self._shape_logits(self.lm_head(x))
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, times the family's scale: Gemma's sqrt(hidden) rounded to the model
+        dtype first (as transformers keeps it, a buffer cast to the weights' dtype), Granite's
+        multiplier as a number."""
+        x = self.embed(input_ids)
+        scale = self.config.embed_scale
+        if scale is None:
+            return x
+        if self.config.embed_scale_in_dtype:
+            scale = torch.tensor(scale, dtype=torch.float32).to(x.dtype).item()
+        return x * scale
+
+    def _shape_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Granite's logits divisor and Gemma 2's tanh soft-cap (in that order: no family has both)."""
+        cfg = self.config
+        if cfg.logits_divisor != 1.0:
+            logits = logits / cfg.logits_divisor
+        if cfg.final_softcap is not None:
+            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        return logits

@@ -64,13 +64,29 @@ def _yarn(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
     return inv_freq, attention_factor
 
 
-def rope_parameters(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (fp32, shape [head_dim/2]) and the cos/sin scale for `cfg.rope`.
+def _longrope(rope: RopeConfig, dim: int, max_len: int, long: bool) -> tuple[torch.Tensor, float]:
+    # Phi-3: per-frequency divisors, the short ones up to the original length, the long ones past it;
+    # cos/sin scaled by sqrt(1 + log(factor) / log(original length)) at every length.
+    orig = rope.original_max_position_embeddings
+    factor = rope.factor if rope.factor is not None else max_len / orig
+    scale = rope.attention_factor
+    if scale is None:
+        scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    ext = torch.tensor(rope.long_factor if long else rope.short_factor, dtype=torch.float32)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return 1.0 / (ext * rope.theta**exponents), scale
 
-    `seq_len` matters only for dynamic NTK scaling, whose base grows once a sequence
-    passes `max_position_embeddings`.
+
+def rope_parameters(
+    cfg: ModelConfig, seq_len: int | None = None, rope: RopeConfig | None = None
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (fp32, shape [rotary_dim/2]) and the cos/sin scale for `rope` (default
+    cfg.rope; Gemma 3's sliding layers pass cfg.rope_local).
+
+    `seq_len` matters only for dynamic NTK scaling, whose base grows once a sequence passes
+    `max_position_embeddings`, and longrope, whose long factors apply past the original length.
     """
-    rope, dim = cfg.rope, cfg.head_dim
+    rope, dim = rope or cfg.rope, cfg.rotary_dim
     if rope.rope_type == "default":
         return _base_inv_freq(rope.theta, dim), 1.0
     if rope.rope_type == "linear":
@@ -85,6 +101,9 @@ def rope_parameters(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch
         return _llama3(rope, dim), 1.0
     if rope.rope_type == "yarn":
         return _yarn(rope, dim)
+    if rope.rope_type == "longrope":
+        long = seq_len is not None and seq_len > rope.original_max_position_embeddings
+        return _longrope(rope, dim, cfg.max_position_embeddings, long)
     raise AssertionError(rope.rope_type)  # ModelConfig.validate rejects other types
 
 
@@ -96,20 +115,28 @@ class RotaryEmbedding(nn.Module):
     make a torch.compile'd forward guard on their old device and compile a second time.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, rope: RopeConfig | None = None) -> None:
         super().__init__()
-        self.cfg = cfg
-        inv_freq, self.scale = rope_parameters(cfg)
+        self.cfg, self.rope = cfg, rope or cfg.rope
+        inv_freq, self.scale = rope_parameters(cfg, rope=self.rope)
         # Plain attributes rather than buffers: model.to(bfloat16) must not round the frequencies.
         # The CPU copy keeps the exact values for a model built on (or moved through) the meta device.
         self._inv_freq_cpu = inv_freq
         self.inv_freq = inv_freq
+        # longrope: the frequencies past the original length, chosen on the device (no host read,
+        # so a compiled step keeps one graph).
+        self._long_cpu = self.long_inv_freq = None
+        if self.rope.rope_type == "longrope":
+            self._long_cpu = self.long_inv_freq = rope_parameters(
+                cfg, self.rope.original_max_position_embeddings + 1, self.rope)[0]
 
     def place(self, device: torch.device | str) -> None:
         """Put the frequencies on `device` (fp32, the exact values)."""
         device = torch.device(device)
         if self.inv_freq.device != device:
             self.inv_freq = self._inv_freq_cpu.to(device)
+            if self._long_cpu is not None:
+                self.long_inv_freq = self._long_cpu.to(device)
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> RotaryEmbedding:
         # Module.to / cuda / to_empty reach every submodule through _apply: follow the device the
@@ -123,17 +150,22 @@ class RotaryEmbedding(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [*position_ids.shape, head_dim], cast to `dtype` (as transformers does)."""
+        """cos, sin of shape [*position_ids.shape, rotary_dim], cast to `dtype` (as transformers does)."""
         if self.inv_freq.device != position_ids.device:  # e.g. a model spread by a device map
             self.place(position_ids.device)
         inv_freq, scale = self.inv_freq, self.scale
-        if self.cfg.rope.rope_type == "dynamic":
+        if self.rope.rope_type == "dynamic":
             # Stateless version of transformers' dynamic update: frequencies follow the longest position
             # in this call, so a model's output never depends on what it was called with before.
             seq_len = int(position_ids.max()) + 1
             if seq_len > self.cfg.max_position_embeddings:
-                inv_freq, scale = rope_parameters(self.cfg, seq_len)
+                inv_freq, scale = rope_parameters(self.cfg, seq_len, self.rope)
                 inv_freq = inv_freq.to(position_ids.device)
+        elif self.long_inv_freq is not None:
+            # As transformers' longrope update: the long factors once this call reaches past the
+            # original length (keys cached before keep the short ones, there as here).
+            past = position_ids.max() >= self.rope.original_max_position_embeddings
+            inv_freq = torch.where(past, self.long_inv_freq, inv_freq)
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
@@ -146,6 +178,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [..., head_dim] by cos/sin broadcastable to it (the model passes [batch, seq, 1, head_dim]
-    for x [batch, seq, heads, head_dim])."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate x [..., head_dim] by cos/sin broadcastable to it (the model passes [batch, seq, 1, rotary_dim]
+    for x [batch, seq, heads, head_dim]). With partial rotary (rotary_dim < head_dim) only the
+    first rotary_dim features of each head turn; the rest pass through."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)

@@ -46,11 +46,11 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def hf_config(model_type: str = "llama", **overrides: Any) -> transformers.PretrainedConfig:
-    cls = transformers.LlamaConfig if model_type == "llama" else transformers.MistralConfig
+    """transformers' own config class of `model_type`, tiny (TINY) unless overridden."""
     kwargs = {**TINY, **overrides}
     if model_type == "mistral":
         kwargs.setdefault("sliding_window", None)
-    return cls(**kwargs)
+    return transformers.AutoConfig.for_model(model_type, **kwargs)
 
 
 @pytest.fixture(scope="session")

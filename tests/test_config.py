@@ -69,7 +69,7 @@ def test_mistral_reads_sliding_window_llama_ignores_it():
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(model_type="gemma"), "field 'model_type' is 'gemma'"),
+    (dict(model_type="mamba"), "field 'model_type' is 'mamba'"),
     (dict(model_type=None), "field 'model_type' is None"),
     (dict(architectures=["LlamaForSequenceClassification"]), "field 'architectures'"),
     (dict(hidden_size=None), "'hidden_size' must be a positive integer, got None"),
@@ -77,7 +77,9 @@ def test_mistral_reads_sliding_window_llama_ignores_it():
     (dict(head_dim=15), "'head_dim' must be even"),
     (dict(hidden_act="swish"), "'hidden_act' is 'swish'"),
     (dict(rms_norm_eps=-1), "'rms_norm_eps' must be a positive number"),
-    (dict(rope_scaling={"rope_type": "longrope", "factor": 2.0}), "'rope_parameters.rope_type' is 'longrope'"),
+    (dict(rope_scaling={"rope_type": "ntk-by-parts", "factor": 2.0}), "'rope_parameters.rope_type' is 'ntk-by-parts'"),
+    (dict(max_position_embeddings=64, rope_scaling={"rope_type": "longrope", "factor": 2.0}),
+     "'rope_parameters.short_factor' must list"),
     (dict(rope_scaling={"rope_type": "linear"}), "'rope_parameters.factor' is required for rope_type 'linear'"),
     (dict(rope_scaling={"rope_type": "linear", "factor": -2}), "'rope_parameters.factor' must be a positive"),
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "bogus": 1}), "unsupported key(s) ['bogus']"),
