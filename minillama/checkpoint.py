@@ -188,14 +188,30 @@ def _list(items: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-# select(HF name, its shape in the file) -> the index of the part to read (None: all of it).
-Selector = Callable[[str, tuple[int, ...]], "tuple[slice, ...] | None"]
+# select(HF name, its shape in the file) -> the index of the part to read (None: all of it), or a
+# list of indices whose parts are read and concatenated along the first dimension (a
+# tensor-parallel shard's q, k and v rows of one fused qkv_proj: minillama/parallel.py).
+Index = tuple[slice, ...] | list[tuple[slice, ...]] | None
+Selector = Callable[[str, tuple[int, ...]], Index]
 
 
-def _sliced_shape(shape: tuple[int, ...], index: tuple[slice, ...] | None) -> tuple[int, ...]:
+def _sliced_shape(shape: tuple[int, ...], index: Index) -> tuple[int, ...]:
     if index is None:
         return shape
+    if isinstance(index, list):
+        parts = [_sliced_shape(shape, i) for i in index]
+        return (sum(p[0] for p in parts),) + parts[0][1:]
     return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape)) + shape[len(index):]
+
+
+def _read(f: Any, key: str, index: Index) -> torch.Tensor:
+    """Tensor `key` of the open file `f`, or only the part(s) `index` selects, read from the file alone."""
+    if index is None:
+        return f.get_tensor(key)
+    if isinstance(index, list):
+        part = f.get_slice(key)
+        return torch.cat([part[i] for i in index])
+    return f.get_slice(key)[index]
 
 
 @torch.no_grad()
@@ -234,7 +250,7 @@ def load_weights(model: Transformer, ckpt_dir: str | Path, select: Selector | No
                 # One mapping per tensor: every page a mapping touches counts as resident until it is
                 # unmapped, so a single open over a whole file would hold a second copy of the model.
                 with safe_open(file, framework="pt", device="cpu") as f:
-                    src = f.get_tensor(key) if index is None else f.get_slice(key)[index]
+                    src = _read(f, key, index)
                 if src.dtype != dst.dtype and not (src.is_floating_point() and dst.is_floating_point()):
                     # Integers are quantized values: casting them from or to floats would be nonsense.
                     wrong_dtype.append(f"{key} (checkpoint {src.dtype}, model {dst.dtype})")

@@ -226,7 +226,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_gguf(args: argparse.Namespace) -> int:
-    """Dequantize a LLaMA-architecture GGUF file into an HF safetensors directory."""
+    """Dequantize a GGUF file (llama, qwen2, qwen3, gemma2, gemma3, phi3) into an HF safetensors directory."""
     from .assets import convert_gguf
 
     print(f"wrote {convert_gguf(args.file, args.outdir)}")

@@ -263,6 +263,11 @@ def decode_tokens(
     # The decode step's slot and positions live on the device and advance in place: a new
     # torch.tensor([pos]) per step would be a host-to-device copy, which waits for the GPU.
     slot = torch.tensor([prompt_len - 1], device=device)
+    # longrope switches to its long factors once a call reaches past the original length, which
+    # would leave the keys cached before with the short ones: as transformers' generate does, the
+    # whole sequence is read again at that point (one long prefill), so every key has the long ones.
+    refill_at = _longrope_switch(model)
+    history = [prompt_ids] if refill_at is not None and prompt_len <= refill_at < total else None
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (token, all rows done after it), not yet yielded
     for i in range(max_new_tokens):
         sampled = sample(process_logits(logits, sampling, seen), sampling, generator)
@@ -300,6 +305,16 @@ def decode_tokens(
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
         slot += 1
+        if history is not None:
+            history.append(sampled[:, None])
+            if prompt_len + i == refill_at:
+                seq = torch.cat(history, dim=1)
+                slots = torch.arange(seq.shape[1], device=device)
+                logits = model(seq, slots, position_ids=(slots[None] - pad_count).clamp(min=0),
+                               padding_mask=padding_mask if has_padding else None, last_only=True,
+                               validate=False)[:, -1].float()
+                history = None
+                continue
         # Finished rows keep decoding their own (ignored) samples: the pad id need not be a valid token.
         # validate=False: the token comes from our own logits and the slot from the cache we sized.
         # The eager model is told how many slots are written (the host knows); a compiled step
@@ -307,6 +322,12 @@ def decode_tokens(
         extra = {} if step_fn is not None else {"kv_len": prompt_len + i + 1}
         logits = step(sampled[:, None], slot, position_ids=slot - pad_count, padding_mask=decode_mask,
                       validate=False, **extra)[:, -1].float()
+
+
+def _longrope_switch(model: Transformer) -> int | None:
+    """The slot at which a longrope model reads its sequence again (its original length), else None."""
+    rope = model.config.rope
+    return rope.original_max_position_embeddings if rope.rope_type == "longrope" else None
 
 
 def check_count(value: Any, name: str, least: int = 1) -> int:

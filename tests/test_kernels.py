@@ -49,11 +49,16 @@ def launches_exactly(**expected: int):
     assert launched == expected, f"Triton launches {launched}, expected {expected}"
 
 
-def hf_rms(h, w, eps, offset=0.0):
-    """Same-dtype torch implementation (transformers' Llama formula, Gemma offset in fp32)."""
+def hf_rms(h, w, eps, offset=0.0, fp32_gain=False):
+    """Same-dtype torch implementation: transformers' Llama formula (cast, then multiply), or with
+    fp32_gain Gemma's / OLMo 2's (multiply by w + offset in fp32, cast after)."""
     hf = h.float()
-    normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
-    return (normed.float() * (w.float() + offset)).to(torch.promote_types(h.dtype, w.dtype)) if offset else w * normed
+    normed = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    out_dtype = torch.promote_types(h.dtype, w.dtype)
+    if fp32_gain:
+        return (normed * (w.float() + offset)).to(out_dtype)
+    normed = normed.to(h.dtype)
+    return (normed.float() * (w.float() + offset)).to(out_dtype) if offset else w * normed
 
 
 def run(fn, x, w, extra, residual, dy, dh):
@@ -92,11 +97,24 @@ def _inputs(shape, dtype, seed=0, w_dtype=None):
     return tuple(t.to(DEVICE) for t in (x, w, b, r, dy, dh))
 
 
+# The gains families use: Llama's (cast, then w), Gemma's ((1 + w) in fp32, cast after), OLMo 2's
+# (w in fp32, cast after), and an offset gain applied after the cast.
+GAINS = {"llama": (0.0, False), "gemma": (1.0, True), "olmo2": (0.0, True), "offset-cast-first": (1.0, False)}
+
+
+SHAPES = [(1,), (3, 1), (4, 7), (2, 3, 96), (5, 1000), (2, 2, 4099)]
+# Llama's gain on every shape; the others on one short-row, one tiled and one looped shape (the
+# interpreter is slow, and the gain changes no indexing).
+GAIN_SHAPES = [("llama", shape) for shape in SHAPES] + [
+    (gain, shape) for gain in ("gemma", "olmo2") for shape in ((4, 7), (2, 3, 96), (2, 2, 4099))] + [
+    ("offset-cast-first", (2, 3, 96))]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1,), (3, 1), (4, 7), (2, 3, 96), (5, 1000), (2, 2, 4099)])
+@pytest.mark.parametrize("gain,shape", GAIN_SHAPES, ids=lambda v: v if isinstance(v, str) else "x".join(map(str, v)))
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("offset", [0.0, 1.0])
-def test_rms_norm_forward_backward(triton_ran, dtype, shape, with_residual, offset):
+def test_rms_norm_forward_backward(triton_ran, dtype, shape, with_residual, gain):
+    offset, fp32_gain = GAINS[gain]
     x, w, _, r, dy, dh = _inputs(shape, dtype)
     if offset:
         w = (0.01 * torch.randn(shape[-1])).to(dtype)  # Gemma stores w with 1 + w the gain
@@ -104,11 +122,11 @@ def test_rms_norm_forward_backward(triton_ran, dtype, shape, with_residual, offs
     eps = 1e-6
 
     def ours(x, w, res):
-        return rms_norm(x, w, eps, residual=res, offset=offset)
+        return rms_norm(x, w, eps, residual=res, offset=offset, fp32_gain=fp32_gain)
 
     def torch_same(x, w, res):
         h = x if res is None else x + res
-        y = hf_rms(h, w, eps, offset)
+        y = hf_rms(h, w, eps, offset, fp32_gain)
         return (y, h) if res is not None else y
 
     def reference(x, w, res):
@@ -148,6 +166,35 @@ def test_layer_norm_forward_backward(triton_ran, dtype, shape, with_residual, wi
         got = run(ours, x, w, extra, residual, dy, dh)
     check(got, run(torch_same, x, w, extra, residual, dy, dh),
           run(reference, x, w, extra, residual, dy, dh), ATOL[dtype], f"layernorm {dtype} {shape}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [16, 256])
+@pytest.mark.parametrize("gain", ["llama", "gemma"])
+def test_qk_norm_rows_of_head_dim(triton_ran, dtype, head_dim, gain):
+    """q/k norms (Qwen3: Llama's gain; Gemma 3: (1 + w) in fp32) run over each head of a
+    [batch, seq, heads, head_dim] view cut from the fused qkv projection (strided rows): one launch
+    forward and one backward, within 2x of torch's error against fp64."""
+    offset, fp32_gain = GAINS[gain]
+    g = torch.Generator().manual_seed(head_dim)
+    qkv = torch.randn(2, 5, 7 * head_dim, generator=g, device="cpu").to(dtype).to(DEVICE)
+    q = qkv[..., : 4 * head_dim].view(2, 5, 4, head_dim)  # 4 query heads of the 7 (4 q, 2 k, 1 v)
+    w = (0.1 * torch.randn(head_dim, generator=g, device="cpu")).to(dtype).to(DEVICE)
+    dy = torch.randn(q.shape, generator=g, device="cpu").to(DEVICE)
+
+    def ours(x, w, res):
+        return rms_norm(x, w, 1e-6, offset=offset, fp32_gain=fp32_gain)
+
+    def torch_same(x, w, res):
+        return hf_rms(x, w, 1e-6, offset, fp32_gain)
+
+    def reference(x, w, res):
+        return torch_same(x.double(), w.double(), None)
+
+    with launches_exactly(rms_norm_fwd=1, rms_norm_bwd=1):
+        got = run(ours, q, w, [], None, dy, None)
+    check(got, run(torch_same, q, w, [], None, dy, None), run(reference, q, w, [], None, dy, None), ATOL[dtype],
+          f"q/k norm {dtype} head_dim {head_dim} {gain}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -317,11 +364,13 @@ def _opcheck_all():
     rstd = torch.rand(3) + 0.5
     mean = torch.randn(3)
     req = [t.clone().requires_grad_() for t in (x, w, b, r)]
-    for args in [(req[0], req[1], None, 1e-6, 0.0), (req[0], req[1], req[3], 1e-6, 1.0)]:
+    for args in [(req[0], req[1], None, 1e-6, 0.0, False), (req[0], req[1], req[3], 1e-6, 1.0, False),
+                 (req[0], req[1], req[3], 1e-6, 1.0, True)]:
         torch.library.opcheck(rms_norm_fwd, args)
     for args in [(req[0], req[1], req[2], None, 1e-5), (req[0], req[1], None, req[3], 1e-5)]:
         torch.library.opcheck(layer_norm_fwd, args)
-    torch.library.opcheck(rms_norm_bwd, (dy, dh, x, w, rstd, 0.0, True))
+    torch.library.opcheck(rms_norm_bwd, (dy, dh, x, w, rstd, 0.0, False, True))
+    torch.library.opcheck(rms_norm_bwd, (dy, None, x, w, rstd, 1.0, True, False))
     torch.library.opcheck(layer_norm_bwd, (dy, None, x, w, mean, rstd, True, False))
 
 

@@ -60,6 +60,17 @@ CONFIGS = [
     ("fwd", L(8192, 1, True, 16)),    # n 8192, 1 row or 8192 rows
     ("fwd", L(8192, 1, False, 16)),   # n 16384: looped
 ]
+# q/k norms (Qwen3, Gemma 3) run on rows of head_dim: 64, 128 or 256, one token's heads (16 rows)
+# in a decode step, 8192 in a prefill. Only RMSNorm runs there, so only its kernels are compiled.
+HEAD_DIMS = (64, 128, 256)
+HEAD_ROWS = (1, 16, 8192)
+QK_CONFIGS = [
+    ("fwd", L(64, 16, True, 2)), ("fwd", L(128, 1, True, 1)), ("fwd", L(128, 16, True, 4)),
+    ("fwd", L(128, 64, True, 16)), ("fwd", L(256, 1, True, 1)), ("fwd", L(256, 16, True, 8)),
+    ("fwd", L(256, 32, True, 16)),
+    ("bwd", L(64, 16, True, 2)), ("bwd", L(128, 1, True, 1)), ("bwd", L(128, 16, True, 4)),
+    ("bwd", L(128, 32, True, 8)), ("bwd", L(256, 1, True, 1)), ("bwd", L(256, 16, True, 8)),
+]
 
 
 def test_configs_are_the_dispatchers_choices():
@@ -71,6 +82,10 @@ def test_configs_are_the_dispatchers_choices():
     assert len(set(CONFIGS)) == len(CONFIGS)
     listed = set(CONFIGS)
     assert picked == listed, (sorted(picked - listed, key=str), sorted(listed - picked, key=str))
+    picked_qk = {(direction, _common.launch_config(n, _common.row_bucket(m), tile))
+                 for direction, tile in (("fwd", _common.TILE_ELEMS), ("bwd", _common.BWD_TILE_ELEMS))
+                 for n in HEAD_DIMS for m in HEAD_ROWS} - listed
+    assert picked_qk == set(QK_CONFIGS) and len(QK_CONFIGS) == len(set(QK_CONFIGS)), sorted(picked_qk, key=str)
 
 
 def _compile(kernel, pointers: dict[str, str], constexprs: dict[str, object], num_warps: int,
@@ -105,22 +120,47 @@ def test_kernels_compile_for_sm90_without_spills(direction, cfg, tmp_path, monke
     stages = dict(STAGES=_common.BWD_STAGES)
     variants = {}
     for residual in (False, True):
+        variants.update(_rms_variants(direction, cfg, residual, (False, True) if residual else (False,), tmp_path))
         if direction == "fwd":
-            variants[f"rms res={residual}"] = _compile(
-                RMS._fwd_kernel, dict(X=t, R=t, W=t, Y=t, H=t, RSTD="*fp32"), dict(HAS_RES=residual, **shape),
-                cfg.num_warps, tmp_path)
             variants[f"ln res={residual}"] = _compile(
                 LN._fwd_kernel, dict(X=t, R=t, W=t, B=t, Y=t, H=t, MEAN="*fp32", RSTD="*fp32"),
                 dict(HAS_RES=residual, HAS_BIAS=True, **shape), cfg.num_warps, tmp_path)
         else:
-            variants[f"rms res={residual}"] = _compile(
-                RMS._bwd_kernel, dict(DY=t, DH=t, H=t, W=t, RSTD="*fp32", DX=t, DR=t, DW="*fp32"),
-                dict(HAS_DH=residual, STORE_DR=residual, **shape, **stages), cfg.num_warps, tmp_path)
             variants[f"ln res={residual}"] = _compile(
                 LN._bwd_kernel, dict(DY=t, DH=t, H=t, W=t, MEAN="*fp32", RSTD="*fp32", DX=t, DR=t, DW="*fp32",
                                      DB="*fp32"),
                 dict(HAS_DH=residual, STORE_DR=residual, HAS_BIAS=True, **shape, **stages), cfg.num_warps,
                 tmp_path)
+    _report(direction, cfg, variants)
+
+
+def _rms_variants(direction: str, cfg: _common.Launch, residual: bool, gains: tuple[bool, ...],
+                  tmp: Path) -> dict[str, tuple[int, int]]:
+    """The RMSNorm kernels in both gain orders asked for (FP32_GAIN: Gemma's and OLMo 2's)."""
+    t = "*bf16"
+    shape = dict(BLOCK=cfg.block, ROWS=cfg.rows, SINGLE=cfg.single)
+    out = {}
+    for fp32_gain in gains:
+        name = f"rms res={residual} fp32_gain={fp32_gain}"
+        if direction == "fwd":
+            out[name] = _compile(RMS._fwd_kernel, dict(X=t, R=t, W=t, Y=t, H=t, RSTD="*fp32"),
+                                 dict(HAS_RES=residual, FP32_GAIN=fp32_gain, **shape), cfg.num_warps, tmp)
+        else:
+            out[name] = _compile(RMS._bwd_kernel, dict(DY=t, DH=t, H=t, W=t, RSTD="*fp32", DX=t, DR=t, DW="*fp32"),
+                                 dict(HAS_DH=residual, STORE_DR=residual, FP32_GAIN=fp32_gain, **shape,
+                                      STAGES=_common.BWD_STAGES), cfg.num_warps, tmp)
+    return out
+
+
+def _report(direction: str, cfg: _common.Launch, variants: dict[str, tuple[int, int]]) -> None:
     print(f"\n{direction} {cfg}: " + ", ".join(f"{k} {r} regs" for k, (r, _) in variants.items()))
     spilling = {k: s for k, (_, s) in variants.items() if s}
     assert not spilling, f"{direction} {cfg}: register spills (bytes) {spilling}"
+
+
+@pytest.mark.parametrize("direction,cfg", QK_CONFIGS, ids=lambda c: c if isinstance(c, str) else (
+    f"b{c.block}-r{c.rows}-w{c.num_warps}"))
+def test_qk_norm_kernels_compile_for_sm90_without_spills(direction, cfg, tmp_path, monkeypatch):
+    """q/k norms: no residual, both gain orders (Qwen3 casts first, Gemma 3 multiplies in fp32)."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    _report(direction, cfg, _rms_variants(direction, cfg, False, (False, True), tmp_path))

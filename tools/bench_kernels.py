@@ -318,7 +318,7 @@ def overhead(args: argparse.Namespace) -> None:
         "minillama rms_norm (public call)": lambda t: rms_norm(t, w, 1e-6),
         "minillama add+rms_norm (public call)": lambda t: rms_norm(t, w, 1e-6, residual=r)[0],
         "minillama layer_norm (public call)": lambda t: layer_norm(t, w, None, 1e-5),
-        "minillama::rms_norm_fwd op, called directly": lambda t: rms_norm_fwd(t, w, None, 1e-6, 0.0)[0],
+        "minillama::rms_norm_fwd op, called directly": lambda t: rms_norm_fwd(t, w, None, 1e-6, 0.0, False)[0],
         "trivial custom_op + registered autograd": trivial,
         "trivial autograd.Function": TrivialFunction.apply,
     }
