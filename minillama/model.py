@@ -235,6 +235,21 @@ class Transformer(nn.Module):
             if rope is not None:
                 rope.place(device)
 
+    def norm_sites(self) -> list[str]:
+        """Where this model's norms sit: each block's ("attn_norm", ..., "q_norm [head_dim 64]") then
+        "final"; each runs once per forward (a q/k norm over all heads in one call)."""
+        sites = []
+        if len(self.layers):
+            block = self.layers[0]
+            for name in ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm"):
+                if getattr(block, name) is not None:
+                    sites.append(name)
+            for name in ("q_norm", "k_norm"):
+                norm = getattr(block.attn, name)
+                if norm is not None:
+                    sites.append(f"{name} [{block.attn.qk_norm}: {norm.weight.shape[0]}]")
+        return sites + ["final"]
+
     def train(self, mode: bool = True) -> Transformer:
         """As nn.Module.train; training also drops the prepacked inference copies (minillama/linear.py)."""
         if mode:

@@ -10,10 +10,11 @@ from ..errors import ConfigError
 from ..quant import QuantLinear, dequantize_model
 from .config import LoraSection
 
-# transformers' projection names -> ours. q/k/v (and gate/up) are one fused matmul here, so an
-# adapter on any of them adapts the fused projection.
-HF_NAMES = {"q_proj": "wqkv", "k_proj": "wqkv", "v_proj": "wqkv", "o_proj": "wo",
-            "gate_proj": "w_gate_up", "up_proj": "w_gate_up", "down_proj": "w_down"}
+# transformers' projection names -> ours, for every family (Phi-3 names its fused ones qkv_proj and
+# gate_up_proj). q/k/v (and gate/up) are one fused matmul here, so an adapter on any of them
+# adapts the fused projection.
+HF_NAMES = {"q_proj": "wqkv", "k_proj": "wqkv", "v_proj": "wqkv", "qkv_proj": "wqkv", "o_proj": "wo",
+            "gate_proj": "w_gate_up", "up_proj": "w_gate_up", "gate_up_proj": "w_gate_up", "down_proj": "w_down"}
 
 
 def lora_targets(model: nn.Module, names: list[str]) -> list[str]:
