@@ -64,7 +64,7 @@ class Attention(nn.Module):
     tanh soft-cap on the scores.
     """
 
-    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
@@ -102,8 +102,8 @@ class Attention(nn.Module):
             k = k.reshape(bsz, seqlen, self.n_kv, self.head_dim)
             if self.qk_norm == "head":  # Qwen3, Gemma 3: rows of head_dim
                 q, k = self.q_norm(q), self.k_norm(k)
-            if cos is not None:
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if cos is not None:  # again one rotation for both (a copy is cheaper than a second rotation)
+                q, k = apply_rope(torch.cat((q, k), dim=2), cos, sin).split((self.n_heads, self.n_kv), dim=2)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = qkv[..., self.qk_dim:].view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)
         if input_pos is not None:
@@ -174,7 +174,7 @@ class Block(nn.Module):
         super().__init__()
         pre, post = cfg.norm_placement in ("pre", "sandwich"), cfg.norm_placement in ("post", "sandwich")
         self.attn_norm = _norm(cfg, cfg.hidden_size) if pre else None
-        self.attn = Attention(cfg, layer)
+        self.attn = Attention(cfg)
         self.post_attn_norm = _norm(cfg, cfg.hidden_size) if post else None
         self.mlp_norm = _norm(cfg, cfg.hidden_size) if pre else None
         self.mlp = MLP(cfg)

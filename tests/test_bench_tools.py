@@ -92,12 +92,14 @@ def test_make_model_loads_in_transformers_and_minillama_with_equal_logits(tmp_pa
     import minillama
 
     out = tmp_path / "m"
+    # --tiny (widths / 16) keeps it quick; the real widths of every shape are tests/test_make_model_shapes.py's
     run = subprocess.run([sys.executable, str(TOOLS / "make_model.py"), "--shape", "llama-1b", "--layers", "1",
-                          "--dtype", "float32", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                          "--tiny", "--dtype", "float32", "--out", str(out)], capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"]) == (
-        2048, 32, 8, 49152) and cfg["rope_scaling"]["rope_type"] == "llama3"
+        128, 32, 8, 49152) and cfg["rope_scaling"]["rope_type"] == "llama3"
     tok = minillama.load_tokenizer(out)
     ids = tok("The lighthouse keeper", return_tensors="pt").input_ids
     ref = transformers.AutoModelForCausalLM.from_pretrained(out).eval()

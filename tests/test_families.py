@@ -236,3 +236,97 @@ def test_each_family_norm_equals_transformers_bit_for_bit_in_bf16(model_type, no
         x = (torch.randn(5, 7, dim, generator=gen) * 3).to(torch.bfloat16)
         with torch.no_grad():
             assert torch.equal(ours(x), ref(x)), (model_type, dim)
+
+
+# ---------------------------------------------------------------- the features, on the families that stress them
+
+@pytest.mark.parametrize("family", ["gemma3_text"], indirect=True)
+def test_norm_swap_reaches_every_site_and_keeps_gemmas_gain(family):
+    """--norm swaps pre, post, q/k and final norms alike; a norm without Gemma's (1 + w) takes w + 1."""
+    from minillama.norms import LayerNorm, Norm
+
+    hf, path = family
+    swapped = minillama.from_pretrained(path, norm="layernorm")
+    norms = [m for m in swapped.modules() if isinstance(m, Norm)]
+    assert len(norms) == 6 * 3 + 1 and all(type(m) is LayerNorm for m in norms)
+    hf_q = hf.model.layers[1].self_attn.q_norm.weight
+    torch.testing.assert_close(swapped.layers[1].attn.q_norm.weight, hf_q + 1)
+    torch.testing.assert_close(swapped.norm.weight, hf.model.norm.weight + 1)
+    # among RMSNorms the swap keeps the family's numbers (its offset and cast order are options of the site)
+    ids = _ids()
+    with torch.no_grad():
+        _close(minillama.from_pretrained(path, norm="rmsnorm-torch")(ids), hf(ids).logits)
+        _close(minillama.from_pretrained(path, norm="rmsnorm-native")(ids), hf(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text"], indirect=True)
+def test_info_names_the_family_and_its_norm_sites(family, capsys):
+    from minillama.cli import main
+
+    _, path = family
+    assert main(["info", "--model", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "family gemma3_text (Gemma3ForCausalLM): norms sandwich" in out
+    assert "attn_norm, post_attn_norm, mlp_norm, post_mlp_norm, q_norm [head: 16], k_norm [head: 16]" in out
+    assert "6 x 3 + 1 final = 19 norm calls per forward; gain w + 1 in fp32" in out
+    assert "sliding window 5 on 2 of 3 layers" in out
+
+
+@pytest.mark.parametrize("family,mode", [("qwen2", "int8"), ("gemma3_text", "int4-g32")],
+                         indirect=["family"])
+def test_quantized_families_stay_close_and_generate(family, mode):
+    """Quantized projections keep Qwen2's biases and Gemma 3's norms: the integer kernels give the
+    logits of the same model with the dequantized weights as plain matrices (within the bf16 the
+    CPU kernels compute in; a mis-mapped tensor is off by the logits' whole scale), and a ragged batch
+    equals each prompt alone. (Against the unquantized model the error is the quantization's own:
+    Gemma's post-sublayer norms rescale every sublayer's output, its error included, so a tiny
+    random Gemma 3 loses ~3x more than a Llama to int4.)"""
+    from minillama.quant import dequantize_model
+
+    hf, path = family
+    model = minillama.from_pretrained(path, quantize=mode)
+    assert (model.layers[0].attn.wqkv.bias is not None) == (hf.config.model_type == "qwen2")
+    ids = _ids()
+    with torch.no_grad():
+        got = model(ids)
+        dense = dequantize_model(minillama.from_pretrained(path, quantize=mode))(ids)
+        ref = hf(ids).logits
+    _close(got, dense, 0.08)  # the CPU integer kernels compute in bf16: ~1e-2 for a Llama, more for Gemma
+    assert 0 < (got - ref).abs().max() < (0.2 if mode == "int8" else 1.5) * ref.abs().max()
+    batched = generate(model, PROMPTS, 6, eos_token_id=[], pad_token_id=0)
+    width = max(map(len, PROMPTS))
+    for row, prompt in zip(batched, PROMPTS, strict=True):
+        assert torch.equal(row[width - len(prompt):], generate(model, [prompt], 6, eos_token_id=[])[0])
+
+
+def test_lora_targets_take_each_familys_names(make_hf):
+    from minillama.train.lora import lora_targets
+
+    _, path = make_hf("phi3", **TOKENS, **FAMILIES["phi3"])
+    model = minillama.from_pretrained(path)
+    assert lora_targets(model, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]) == [
+        "wqkv", "wo", "w_gate_up", "w_down"]
+    assert lora_targets(model, ["q_proj", "v_proj"]) == ["wqkv"]
+
+
+@pytest.mark.parametrize("family", ["gemma2"], indirect=True)
+def test_engine_serves_a_family_as_generate_does(family):
+    """The serving engine's rows at different positions, on Gemma 2's soft-caps and alternating windows."""
+    from minillama.engine import Engine, Request
+    from minillama.generate import SamplingConfig
+    from minillama.tokenizer import byte_tokenizer
+
+    _, path = family
+    model = minillama.from_pretrained(path)
+    prompts = [[5, 6, 7], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11]]
+    alone = [generate(model, [p], 12, eos_token_id=[])[0, len(p):].tolist() for p in prompts]
+    engine = Engine(model, byte_tokenizer(), max_batch=2)
+    engine.eos = set()
+    requests = [Request(p, 12, SamplingConfig()) for p in prompts]
+    for r in requests:
+        engine.submit(r)
+    while engine.running or engine.waiting:
+        engine.step()
+    assert [r.tokens for r in requests] == alone
+
+# compile=True and "all" on a family: tests/test_generate.py's compiled-step tests run on a Gemma 2.

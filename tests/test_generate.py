@@ -12,6 +12,13 @@ from minillama import GenerationError
 from minillama.generate import IncrementalDecoder, SamplingConfig, generate, process_logits, stream
 
 PROMPTS = [[5, 17, 3], [9, 8, 7, 6, 5, 4, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+# The model of the compiled-step tests (one compile cache serves them all): Gemma 2 puts the most
+# into a compiled graph: a sliding window shorter than the prompts on one layer and none on the
+# other, tanh soft-caps on scores and logits that saturate, a score scale other than head_dim's,
+# four norms a block with the (1 + w) fp32 gain.
+COMPILED = ("gemma2", dict(num_key_value_heads=2, head_dim=16, sliding_window=5, max_position_embeddings=512,
+                           query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2))
 
 
 def _hf_greedy(ref: transformers.PreTrainedModel, ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -196,7 +203,7 @@ def test_smollm2_stream_and_stop_strings(smol):
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens(make_hf):
     # the prefill test's model: the session's compile cache serves both the same decode library
-    _, path = make_hf("mistral", num_key_value_heads=2, sliding_window=5, max_position_embeddings=512)
+    _, path = make_hf(COMPILED[0], **COMPILED[1])
     model = minillama.from_pretrained(path)
     eager = generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0)
     assert torch.equal(generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0, compile=True), eager)
@@ -229,7 +236,7 @@ def test_compiled_prefill_is_one_compilation_for_every_prompt_length(make_hf, mo
     builds = []
     build = aot.build_library
     monkeypatch.setattr(aot, "build_library", lambda *a, **k: builds.append(a[-1]) or build(*a, **k))
-    _, path = make_hf("mistral", num_key_value_heads=2, sliding_window=5, max_position_embeddings=512)
+    _, path = make_hf(COMPILED[0], **COMPILED[1])
     model = minillama.from_pretrained(path)
     for options in ({}, {"temperature": 0.9, "top_k": 20, "seed": 5}):
         eager = generate(model, PROMPTS, 12, eos_token_id=[], pad_token_id=0, **options)
@@ -282,7 +289,7 @@ def test_explicit_graph_step_replays_static_buffers(make_hf):
         captures.append(out)
         return out, lambda: out.copy_(run())
 
-    _, path = make_hf("mistral", num_key_value_heads=2, sliding_window=5, max_position_embeddings=512)
+    _, path = make_hf(COMPILED[0], **COMPILED[1])
     model = minillama.from_pretrained(path)
     step = CUDAGraphStep(model, capture=capture)
     for options in ({}, {"temperature": 0.9, "top_k": 20, "seed": 5}):

@@ -120,7 +120,10 @@ def test_kernels_compile_for_sm90_without_spills(direction, cfg, tmp_path, monke
     stages = dict(STAGES=_common.BWD_STAGES)
     variants = {}
     for residual in (False, True):
-        variants.update(_rms_variants(direction, cfg, residual, (False, True) if residual else (False,), tmp_path))
+        # Gemma's fp32 gain drops a rounding (fewer live values): compiled where registers are
+        # tightest, the widest tiles and the looped rows, with the residual.
+        gains = (False, True) if residual and cfg.block >= 4096 else (False,)
+        variants.update(_rms_variants(direction, cfg, residual, gains, tmp_path))
         if direction == "fwd":
             variants[f"ln res={residual}"] = _compile(
                 LN._fwd_kernel, dict(X=t, R=t, W=t, B=t, Y=t, H=t, MEAN="*fp32", RSTD="*fp32"),

@@ -125,11 +125,10 @@ def test_real_vocab_smaller_than_the_tokenizer_is_refused():
         assert mm.shape_config(shape, Big())["pad_token_id"] == 2
 
 
-# At the published vocabulary (up to 262144 rows) a build takes a few seconds: slow.
-@pytest.mark.parametrize("real_vocab", [pytest.param(False, id="49152"),
-                                        pytest.param(True, id="real-vocab", marks=pytest.mark.slow)])
+# At the tokenizer's vocabulary: the published one only changes the embedding's rows (up to
+# 262144, seconds a build), which test_cli_tiny_real_vocab checks once.
 @pytest.mark.parametrize("shape", sorted(mm.SHAPES))
-def test_tiny_shape_loads_in_transformers_and_minillama_with_equal_logits(shape, real_vocab, tmp_path):
+def test_tiny_shape_loads_in_transformers_and_minillama_with_equal_logits(shape, tmp_path, real_vocab=False):
     out = mm.make_model(shape, tmp_path / shape, dtype="float32", layers=LAYERS.get(shape, 2), tiny=True,
                         real_vocab=real_vocab, tokenizer=byte_tokenizer())
     written = json.loads((out / "config.json").read_text())

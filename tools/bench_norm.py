@@ -10,6 +10,10 @@ its own process (peak memory is its own): prefill and decode tok/s, the share of
 spent inside norm modules (torch profiler), peak memory, and the output effect: perplexity on a
 fixed text and the KL divergence of next-token distributions from the checkpoint's own norm.
 
+Families (--families): for one tools/make_model.py shape of each family, random weights cut to a
+few layers, the norm sites of a block, the norm calls per token (each site runs once per token: a
+q/k norm covers every head in one call) and their share of a prefill forward.
+
 Writes a markdown table to stdout and results.json, results.md and PNG plots to --out; results.json
 is rewritten as each row finishes (a stopped run keeps what it measured), the plots come last and
 only where matplotlib is installed.
@@ -17,6 +21,7 @@ only where matplotlib is installed.
     python tools/bench_norm.py                       # full run
     python tools/bench_norm.py --quick --out out     # under a minute
     python tools/bench_norm.py --model DIR --norms rmsnorm,layernorm --train
+    python tools/bench_norm.py --no-model --hidden 2048 --rows 128 --families --out out   # per family
 """
 
 from __future__ import annotations
@@ -127,19 +132,40 @@ def model_worker(args: argparse.Namespace) -> dict[str, Any]:
     result["prefill_tok_s"] = ids.shape[1] / statistics.median(prefill)
     result["decode_tok_s"] = (args.new_tokens - 1) / max(statistics.median(full) - statistics.median(one), 1e-9)
 
-    # Share of a forward pass inside norm modules: every norm call in the decoder goes through
-    # add_norm (fused or not), so a record_function span around it on each instance catches them all.
+    result["norm_time_share"] = norm_share(model, ids, device)
+    result["norm_calls_per_forward"] = sum(isinstance(m, Norm) for m in model.modules())
+    result["params"] = sum(p.numel() for p in model.parameters())
+    result["peak_mem_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return result
+
+
+def norm_share(model: torch.nn.Module, ids: torch.Tensor, device: torch.device) -> float:
+    """Share of one forward pass spent inside norm modules (torch profiler). Every norm call goes
+    through a norm's add_norm (pre-norms, fused or not) or its forward (post and q/k norms, the
+    unfused add_norm's inner call): a record_function span around both on each instance, entered
+    once per call (a span inside a span would count twice), catches them all."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from minillama.norms import Norm
+
+    inside = [False]
+
     def spanned(fn):
         def wrapper(*a, **k):
-            with torch.profiler.record_function("norm"):
+            if inside[0]:
                 return fn(*a, **k)
+            inside[0] = True
+            try:
+                with torch.profiler.record_function("norm"):
+                    return fn(*a, **k)
+            finally:
+                inside[0] = False
         return wrapper
 
     for m in model.modules():
         if isinstance(m, Norm):
-            m.add_norm = spanned(m.add_norm)
-    from torch.profiler import ProfilerActivity, profile
-
+            m.add_norm, m.forward = spanned(m.add_norm), spanned(m.forward)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.no_grad(), profile(activities=activities) as prof:
         model(ids)
@@ -149,11 +175,42 @@ def model_worker(args: argparse.Namespace) -> dict[str, Any]:
     norm_event = events.get("norm")
     norm_time = 0 if norm_event is None else (
         norm_event.device_time_total if device.type == "cuda" else norm_event.cpu_time_total)
-    result["norm_time_share"] = norm_time / max(total, 1)
-    result["params"] = sum(p.numel() for p in model.parameters())
-    result["peak_mem_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return result
+    return norm_time / max(total, 1)
+
+
+def families(args: argparse.Namespace, done: Any = lambda row: None) -> list[dict]:
+    """Per family (a make_model shape of each, random weights, cut to --family-layers layers): norm
+    calls per token and their share of a prefill forward, with the checkpoint's own norm."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from make_model import SHAPES, shape_config
+
+    from minillama import load_tokenizer
+    from minillama.config import from_hf_config
+    from minillama.model import Transformer
+    from minillama.norms import Norm
+
+    first = {}
+    for shape, hf in SHAPES.items():  # one shape per family: the first listed
+        first.setdefault(hf["model_type"], shape)
+    tokenizer = load_tokenizer("byte")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtypes.split(",")[0])
+    rows = []
+    for family, shape in tqdm(sorted(first.items()), desc="families", file=sys.stderr):
+        cfg = from_hf_config(shape_config(shape, tokenizer, layers=args.family_layers), f"shape {shape}")
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Transformer(cfg).to(dtype).eval()
+        ids = torch.randint(0, cfg.vocab_size, (1, args.prefill), device=device)
+        with torch.no_grad():
+            model(ids)  # warm-up
+        calls = sum(isinstance(m, Norm) for m in model.modules())
+        row = {"family": family, "shape": shape, "layers": cfg.num_hidden_layers, "dtype": str(dtype).split(".")[-1],
+               "norm_sites_per_block": model.norm_sites()[:-1], "norm_calls_per_token": calls,
+               "norm_time_share": statistics.median(norm_share(model, ids, device) for _ in range(args.repeats))}
+        del model
+        rows.append(row)
+        done(row)
+    return rows
 
 
 def model_level(args: argparse.Namespace, norms: list[str], model_dir: Path, done: Any = lambda row: None) -> list[dict]:
@@ -193,7 +250,7 @@ def model_level(args: argparse.Namespace, norms: list[str], model_dir: Path, don
     return rows
 
 
-def markdown(meta: dict, ops: list[dict], models: list[dict], train: bool) -> str:
+def markdown(meta: dict, ops: list[dict], models: list[dict], train: bool, fams: list[dict] = ()) -> str:
     lines = [f"# bench_norm on {meta['device']} (torch {meta['torch']}); copy bandwidth {meta['bandwidth_gb_s']:.0f} "
              "GB/s; median [min-max]", "", "## Op level", ""]
     head = "| norm | dtype | hidden | rows | fwd us | fwd GB/s | % of bandwidth |" + (" fwd+bwd us |" if train else "")
@@ -215,6 +272,13 @@ def markdown(meta: dict, ops: list[dict], models: list[dict], train: bool) -> st
             lines.append(f"| {r['norm']} | {r['params']:,} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} "
                          f"| {100 * r['norm_time_share']:.1f}% | {r['peak_mem_mb']:.0f} "
                          f"| {'diverged' if ppl is None else f'{ppl:.2f}'} | {'n/a' if kl is None else f'{kl:.3g}'} |")
+    if fams:
+        lines += ["", f"## Norms per family ({fams[0]['dtype']}, random weights, {fams[0]['layers']} layers, one "
+                  "prefill forward)", "", "| family | shape | sites per block | norm calls per token | norm share of "
+                  "forward |", "|---|---|---|---|---|"]
+        for r in fams:
+            lines.append(f"| {r['family']} | {r['shape']} | {', '.join(r['norm_sites_per_block'])} "
+                         f"| {r['norm_calls_per_token']} | {100 * r['norm_time_share']:.1f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -264,6 +328,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--no-model", action="store_true", help="op level only")
+    p.add_argument("--families", action="store_true",
+                   help="also report, per family (a tools/make_model.py shape of each), norm calls per token "
+                        "and their share of a forward pass")
+    p.add_argument("--family-layers", type=int, default=4, help="layers of each family's model (--families)")
     p.add_argument("--quick", action="store_true",
                    help="small sizes, few repeats, model level in one process: a smoke run, about a minute")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -299,7 +367,7 @@ def main() -> None:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "bandwidth_gb_s": copy_bandwidth(device),
             "model": str(model_dir) if model_dir else None, "byte_model": "fwd: read x + write y; "
             "fwd+bwd: + read x, dy, write dx"}
-    results: dict[str, Any] = {"meta": meta, "op_level": [], "model_level": [], "plots": []}
+    results: dict[str, Any] = {"meta": meta, "op_level": [], "model_level": [], "families": [], "plots": []}
 
     def save(section: str, row: dict) -> None:  # after every row, before any plotting
         results[section].append(row)
@@ -308,7 +376,8 @@ def main() -> None:
     write_json(out / "results.json", results)
     ops = op_level(args, norms, device, meta["bandwidth_gb_s"], lambda row: save("op_level", row))
     models = [] if args.no_model else model_level(args, norms, model_dir, lambda row: save("model_level", row))
-    table = markdown(meta, ops, models, args.train)
+    fams = families(args, lambda row: save("families", row)) if args.families else []
+    table = markdown(meta, ops, models, args.train, fams)
     print(table)
     (out / "results.md").write_text(table)
     results["plots"] = plots(out, ops, models)
