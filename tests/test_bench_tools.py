@@ -23,7 +23,7 @@ def test_bench_norm_quick(make_hf, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "## Op level" in run.stdout and "## Model level" in run.stdout
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"meta", "op_level", "model_level", "plots"}
+    assert set(results) == {"meta", "op_level", "model_level", "families", "plots"}
     op = results["op_level"][0]
     assert {"norm", "dtype", "hidden", "rows", "fwd_s", "fwd_gb_s", "fwd_pct_peak"} <= set(op)
     rows = {r["norm"]: r for r in results["model_level"]}
