@@ -7,7 +7,7 @@ optional fused residual add, one-pass backward with deterministic fp32 dweight/d
 
 import torch
 
-from . import _common
+from . import _common, cpu
 from ._common import (BWD_STAGES, BWD_TILE_ELEMS, as_rows, bwd_grid, jit, launch_config, launch_guard, load_h,
                       row_bucket, tl, to_dtype, use_triton)
 
@@ -319,6 +319,9 @@ def layer_norm(
         raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     eps = float(eps)
     if not _common.use_op(x):
+        if cpu.applies(x, weight, residual, bias):  # eager CPU inference: one pass in C++
+            y, h = cpu.layer_norm(x, weight, bias, residual, eps)
+            return (y, h) if residual is not None else y
         y, h, _, _ = _fwd_torch(x, weight, bias, residual, eps)
     elif torch.compiler.is_compiling():
         y, h, _, _ = layer_norm_fwd(x, weight, bias, residual, eps)

@@ -18,7 +18,7 @@ deterministic.
 import torch
 import torch.nn.functional as F
 
-from . import _common
+from . import _common, cpu
 from ._common import (BWD_STAGES, BWD_TILE_ELEMS, as_rows, bwd_grid, jit, launch_config, launch_guard, load_h,
                       row_bucket, tl, to_dtype, use_triton)
 
@@ -312,7 +312,8 @@ def rms_norm(
     normalised value and round once (Gemma, OLMo 2), instead of rounding it to the input dtype first
     (Llama).
 
-    Triton on CUDA or under TRITON_INTERPRET=1, torch otherwise; same numbers either way. Under
+    Triton on CUDA or under TRITON_INTERPRET=1; on a CPU in eager inference the C++ kernels of
+    kernels/cpu.py (the torch code's numbers bit for bit, in one pass), torch code otherwise. Under
     torch.compile the call is the custom op; eagerly it skips the op's dispatch (no gradient
     needed: the kernel alone; else a plain autograd.Function around the same kernels).
     """
@@ -322,6 +323,9 @@ def rms_norm(
         raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     eps, offset, fp32_gain = float(eps), float(offset), bool(fp32_gain)
     if not _common.use_op(x):
+        if cpu.applies(x, weight, residual):  # eager CPU inference: one pass in C++
+            y, h = cpu.rms_norm(x, weight, residual, eps, offset, fp32_gain)
+            return (y, h) if residual is not None else y
         y, h, _ = _fwd_torch(x, weight, residual, eps, offset, fp32_gain, with_rstd=False)
     elif torch.compiler.is_compiling():
         y, h, _ = rms_norm_fwd(x, weight, residual, eps, offset, fp32_gain)

@@ -138,8 +138,9 @@ class RMSNorm(Norm):
 
 @register_norm("rmsnorm")
 class FusedRMSNorm(RMSNorm):
-    """RMSNorm through minillama.kernels.rms_norm: the fused Triton kernel (residual add included)
-    on CUDA or under TRITON_INTERPRET=1, the same numbers through torch elsewhere."""
+    """RMSNorm through minillama.kernels.rms_norm, residual add fused: the Triton kernel on CUDA or
+    under TRITON_INTERPRET=1; on a CPU the C++ kernel of kernels/cpu.py in eager inference, torch's
+    ops otherwise (training, torch.compile), all with transformers' numerics."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, offset=self.offset, fp32_gain=self.fp32_gain)
@@ -160,16 +161,24 @@ class NativeRMSNorm(RMSNorm):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+def compiled_forward(forward: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> Callable:
+    """`forward` through torch.compile with dynamic shapes, compiled on the first call."""
+    compiled = None
+
+    def run(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(forward, dynamic=True)
+        return compiled(self, x)
+
+    return run
+
+
 @register_norm("rmsnorm-compiled")
 class CompiledRMSNorm(RMSNorm):
     """transformers' formula through torch.compile: the peer a hand-written kernel must beat."""
 
-    _compiled = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if CompiledRMSNorm._compiled is None:
-            CompiledRMSNorm._compiled = torch.compile(RMSNorm.forward, dynamic=True)
-        return CompiledRMSNorm._compiled(self, x)
+    forward = compiled_forward(RMSNorm.forward)
 
 
 @register_norm("prmsnorm")
@@ -217,7 +226,8 @@ class LayerNorm(Norm):
 
 @register_norm("layernorm-triton")
 class FusedLayerNorm(LayerNorm):
-    """LayerNorm through minillama.kernels.layer_norm (Triton where it runs, residual add fused)."""
+    """LayerNorm through minillama.kernels.layer_norm, residual add fused: Triton where it runs, the
+    C++ kernel of kernels/cpu.py in eager CPU inference (the same code as the default RMSNorm's)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(x, self.weight, self.bias, self.eps)
@@ -226,6 +236,13 @@ class FusedLayerNorm(LayerNorm):
         if residual is None:
             return self(x), x
         return layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+
+
+@register_norm("layernorm-compiled")
+class CompiledLayerNorm(LayerNorm):
+    """F.layer_norm through torch.compile: rmsnorm-compiled's peer, one Inductor kernel each."""
+
+    forward = compiled_forward(LayerNorm.forward)
 
 
 @register_norm("batchnorm")

@@ -228,3 +228,12 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Ca
         return done[name]
 
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_kernels() -> None:
+    """Build the CPU norm kernels (kernels/cpu.py) before any test: the first worker compiles them
+    into the cache, the other waits for it, and every process started later loads the file."""
+    from minillama.kernels import cpu
+
+    cpu.load()

@@ -18,16 +18,16 @@ def test_bench_norm_quick(make_hf, tmp_path):
     _, model = make_hf("llama", num_key_value_heads=2, max_position_embeddings=128)
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, str(TOOLS / "bench_norm.py"), "--quick", "--model", str(model),
-                          "--norms", "rmsnorm,rmsnorm-torch,layernorm,prmsnorm", "--out", str(out)],
+                          "--norms", "rmsnorm,rmsnorm-torch,layernorm,layernorm-triton,prmsnorm", "--out", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "## Op level" in run.stdout and "## Model level" in run.stdout
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"meta", "op_level", "model_level", "families", "plots"}
+    assert set(results) == {"meta", "op_level", "model_level", "families", "plots", "tiers", "verdicts"}
     op = results["op_level"][0]
     assert {"norm", "dtype", "hidden", "rows", "fwd_s", "fwd_gb_s", "fwd_pct_peak"} <= set(op)
     rows = {r["norm"]: r for r in results["model_level"]}
-    assert set(rows) == {"rmsnorm", "rmsnorm-torch", "layernorm", "prmsnorm"}
+    assert set(rows) == {"rmsnorm", "rmsnorm-torch", "layernorm", "layernorm-triton", "prmsnorm"}
     for r in rows.values():
         assert {"prefill_tok_s", "decode_tok_s", "norm_time_share", "peak_mem_mb", "perplexity",
                 "kl_from_reference", "params"} <= set(r)
@@ -35,6 +35,13 @@ def test_bench_norm_quick(make_hf, tmp_path):
     assert rows["rmsnorm"]["kl_from_reference"] == pytest.approx(0, abs=1e-6)  # same function as the reference
     assert rows["layernorm"]["kl_from_reference"] > 1e-6
     assert rows["layernorm"]["params"] == rows["rmsnorm"]["params"] + 5 * 64  # beta in 2 x 2 + 1 norms
+    # like for like: rmsnorm and layernorm-triton are one tier (minillama's kernels), op and model level
+    tiers = [r for r in results["tiers"] if r["tier"] == "minillama kernels"]
+    assert {r["level"] for r in tiers} == {"op", "model"}
+    for r in tiers:
+        assert r["saving"] == pytest.approx(1 - r["rms_s"] / r["layer_s"]) and r["rms_s"] > 0
+    assert [v for v in results["verdicts"] if "minillama kernels" in v and "Paper" in v]
+    assert "## RMSNorm vs LayerNorm, like for like" in run.stdout
     for png in results["plots"]:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "results.md").read_text().startswith("# bench_norm")

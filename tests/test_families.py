@@ -15,6 +15,7 @@ import minillama
 from minillama import CheckpointError, ConfigError
 from minillama.config import from_hf_config, load_config, to_hf_config
 from minillama.generate import generate
+from minillama.kernels import torch_path
 
 # Special-token ids inside the tiny vocabulary (Phi-3's and SmolLM3's defaults lie outside it).
 TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -235,7 +236,9 @@ def test_each_family_norm_equals_transformers_bit_for_bit_in_bf16(model_type, no
         ref, ours = ref.to(torch.bfloat16), ours.to(torch.bfloat16)
         x = (torch.randn(5, 7, dim, generator=gen) * 3).to(torch.bfloat16)
         with torch.no_grad():
-            assert torch.equal(ours(x), ref(x)), (model_type, dim)
+            assert torch.equal(ours(x), ref(x)), (model_type, dim)  # the C++ kernels (rmsnorm)
+            with torch_path():
+                assert torch.equal(ours(x), ref(x)), (model_type, dim)  # the torch code
 
 
 # ---------------------------------------------------------------- the features, on the families that stress them

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from minillama import CheckpointError, ConfigError
 from minillama.norms import NORMS, build_norm
 
 RMS_FAMILY = ["rmsnorm", "rmsnorm-torch", "rmsnorm-native", "rmsnorm-compiled", "prmsnorm:p=1"]
-LAYERNORMS = ["layernorm", "layernorm-triton"]
+LAYERNORMS = ["layernorm", "layernorm-triton", "layernorm-compiled"]
 
 # SmolLM2-135M (vocab 49152, hidden 576, 30 layers, MLP 1536, 9 query / 3 key-value heads of 64,
 # tied embeddings), counted by hand: 49152 * 576 = 28,311,552 embedding; per layer q, o 576 * 576
@@ -32,6 +33,7 @@ NORM_TABLE = {
     "prmsnorm": ("d", SMOLLM2_RMS),
     "layernorm": ("2d", SMOLLM2_2D),
     "layernorm-triton": ("2d", SMOLLM2_2D),
+    "layernorm-compiled": ("2d", SMOLLM2_2D),
     "batchnorm": ("2d", SMOLLM2_2D),
 }
 
@@ -224,10 +226,11 @@ def test_smollm2_parameter_counts_match_the_docs(smollm2_dir):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(1, 576), (7, 64), (3, 5, 2048), (512, 576), (2, 4099)])
 def test_cpu_rmsnorm_is_transformers_bit_for_bit(dtype, shape):
-    """The CPU path normalises with F.rms_norm (one kernel): it must stay transformers' formula exactly."""
+    """Both CPU paths must stay transformers' formula exactly: the torch code (F.rms_norm, one kernel)
+    and the C++ kernels of eager inference (tests/test_cpu_norms.py)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from minillama.kernels import rms_norm
+    from minillama.kernels import rms_norm, torch_path
 
     gen = torch.Generator().manual_seed(shape[-1])
     x = (3 * torch.randn(shape, generator=gen)).to(dtype)
@@ -236,6 +239,8 @@ def test_cpu_rmsnorm_is_transformers_bit_for_bit(dtype, shape):
     with torch.no_grad():
         hf.weight.copy_(1 + 0.2 * torch.randn(shape[-1], generator=gen))
         hf.to(dtype)
-        assert torch.equal(rms_norm(x, hf.weight, 1e-5), hf(x))
-        y, h = rms_norm(x, hf.weight, 1e-5, residual=res)
-        assert torch.equal(h, x + res) and torch.equal(y, hf(x + res))
+        for path in (torch_path, contextlib.nullcontext):  # the torch code, then the C++ kernels
+            with path():
+                assert torch.equal(rms_norm(x, hf.weight, 1e-5), hf(x))
+                y, h = rms_norm(x, hf.weight, 1e-5, residual=res)
+            assert torch.equal(h, x + res) and torch.equal(y, hf(x + res))

@@ -29,7 +29,9 @@ def test_prepacked_equals_plain(make_hf, model_type, overrides):
     _, path = make_hf(model_type, **overrides)
     for dtype, tol in ((torch.float32, dict(rtol=1e-5, atol=1e-5)), (torch.bfloat16, dict(rtol=2e-2, atol=4e-2))):
         packed, plain = _pair(path, dtype=dtype)
-        assert packed_bytes(packed) > 0 and packed_bytes(plain) == 0
+        # oneDNN packs bf16 only on CPUs with AVX-512 (or AVX-NE-CONVERT): elsewhere the probe says
+        # no and the model runs the plain path, as it must
+        assert (packed_bytes(packed) > 0) == can_prepack(dtype) and packed_bytes(plain) == 0
         ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             torch.testing.assert_close(packed(ids), plain(ids), **tol)

@@ -10,6 +10,10 @@ its own process (peak memory is its own): prefill and decode tok/s, the share of
 spent inside norm modules (torch profiler), peak memory, and the output effect: perplexity on a
 fixed text and the KL divergence of next-token distributions from the checkpoint's own norm.
 
+Like for like: RMSNorm against LayerNorm within each implementation tier (eager ATen, torch.compile,
+minillama's kernels: Triton on a GPU, C++ on a CPU), op level and model level, and one verdict line
+per tier and dtype next to the paper's 7-64%.
+
 Families (--families): for one tools/make_model.py shape of each family, random weights cut to a
 few layers, the norm sites of a block, the norm calls per token (each site runs once per token: a
 q/k norm covers every head in one call) and their share of a prefill forward.
@@ -43,6 +47,14 @@ from benchutil import copy_bandwidth, nll_and_kl, pyplot, sync, timed, write_jso
 from tqdm import tqdm
 
 REFERENCE_NORM = "rmsnorm-torch"  # the checkpoint's own norm, transformers' numerics
+# Like for like: in each tier an RMSNorm and a LayerNorm of the same implementation quality, so the
+# ratio measures the norm and not whose kernel it is.
+TIERS = {
+    "eager ATen": ("rmsnorm-native", "layernorm"),  # F.rms_norm vs F.layer_norm
+    "torch.compile": ("rmsnorm-compiled", "layernorm-compiled"),  # one Inductor kernel each
+    "minillama kernels": ("rmsnorm", "layernorm-triton"),  # Triton on a GPU, C++ (kernels/cpu.py) on a CPU
+}
+PAPER = "7-64% less time (Zhang & Sennrich 2019)"
 # A fixed, public-domain text for perplexity (Jane Austen, Pride and Prejudice, chapter 1).
 TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
@@ -72,7 +84,12 @@ def op_level(args: argparse.Namespace, norms: list[str], device: torch.device, p
             norm = build_norm(name, hidden, 1e-6).to(device=device, dtype=dtype)
             norm.train(args.train)
             inner = 1 if device.type == "cpu" and nrows * hidden > 2**20 else 5
-            fwd = timed(lambda: norm(x), device, args.repeats, inner)
+
+            def forward() -> None:
+                with torch.inference_mode():  # as a model runs its norms when generating
+                    norm(x)
+
+            fwd = timed(forward, device, args.repeats, inner)
             row = {"norm": name, "dtype": dtype_name, "hidden": hidden, "rows": nrows,
                    "fwd_s": fwd, "fwd_gb_s": 2 * x.numel() * x.element_size() / statistics.median(fwd) / 1e9}
             if args.train:
@@ -250,6 +267,55 @@ def model_level(args: argparse.Namespace, norms: list[str], model_dir: Path, don
     return rows
 
 
+def tier_rows(ops: list[dict], models: list[dict]) -> list[dict]:
+    """RMSNorm against LayerNorm within each tier: per (dtype, hidden, rows) at op level, and per
+    model-level metric; `saving` is 1 - t_rms / t_layer (the paper's "less running time")."""
+    out = []
+    for tier, (rms, layer) in TIERS.items():
+        for key in ("fwd_s", "train_s"):
+            pairs = {}
+            for r in ops:
+                if key in r and r["norm"] in (rms, layer):
+                    pairs.setdefault((r["dtype"], r["hidden"], r["rows"]), {})[r["norm"]] = statistics.median(r[key])
+            for (dtype, hidden, nrows), t in sorted(pairs.items()):
+                if len(t) == 2:
+                    out.append({"tier": tier, "level": "op", "what": "fwd" if key == "fwd_s" else "fwd+bwd",
+                                "dtype": dtype, "hidden": hidden, "rows": nrows, "rms_s": t[rms], "layer_s": t[layer],
+                                "saving": 1 - t[rms] / t[layer]})
+        by_norm = {r["norm"]: r for r in models}
+        if rms in by_norm and layer in by_norm:
+            for metric in ("prefill_tok_s", "decode_tok_s"):
+                a, b = by_norm[rms][metric], by_norm[layer][metric]
+                out.append({"tier": tier, "level": "model", "what": metric.split("_")[0], "dtype": by_norm[rms]["dtype"],
+                            "rms_s": 1 / a, "layer_s": 1 / b, "saving": 1 - b / a})
+    return out
+
+
+def verdicts(tiers: list[dict]) -> list[str]:
+    """One line per tier and dtype: RMSNorm's time over LayerNorm's, median over the op-level shapes
+    (forward), and the model-level prefill/decode difference where both norms ran."""
+    lines = []
+    for tier in TIERS:
+        for dtype in sorted({r["dtype"] for r in tiers if r["tier"] == tier}):
+            ratios = [r["rms_s"] / r["layer_s"] for r in tiers if r["tier"] == tier and r["dtype"] == dtype
+                      and r["level"] == "op" and r["what"] == "fwd"]
+            model = {r["what"]: r["saving"] for r in tiers if r["tier"] == tier and r["dtype"] == dtype
+                     and r["level"] == "model"}
+            if not ratios and not model:
+                continue
+            text = f"- **{tier}, {dtype}**: "
+            if ratios:
+                med = statistics.median(ratios)
+                text += (f"RMSNorm takes {med:.2f}x LayerNorm's time ({100 * abs(1 - med):.0f}% "
+                         f"{'less' if med <= 1 else 'more'}; median of {len(ratios)} shapes, forward, "
+                         f"{min(ratios):.2f}x-{max(ratios):.2f}x)")
+            if model:
+                text += ("; " if ratios else "") + "model time saved: " + ", ".join(
+                    f"{k} {100 * v:+.1f}%" for k, v in sorted(model.items()))
+            lines.append(text + f". Paper: {PAPER}.")
+    return lines
+
+
 def markdown(meta: dict, ops: list[dict], models: list[dict], train: bool, fams: list[dict] = ()) -> str:
     lines = [f"# bench_norm on {meta['device']} (torch {meta['torch']}); copy bandwidth {meta['bandwidth_gb_s']:.0f} "
              "GB/s; median [min-max]", "", "## Op level", ""]
@@ -272,6 +338,15 @@ def markdown(meta: dict, ops: list[dict], models: list[dict], train: bool, fams:
             lines.append(f"| {r['norm']} | {r['params']:,} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} "
                          f"| {100 * r['norm_time_share']:.1f}% | {r['peak_mem_mb']:.0f} "
                          f"| {'diverged' if ppl is None else f'{ppl:.2f}'} | {'n/a' if kl is None else f'{kl:.3g}'} |")
+    tiers = tier_rows(ops, models)
+    if tiers:
+        lines += ["", "## RMSNorm vs LayerNorm, like for like", "", *verdicts(tiers), "",
+                  "| tier | level | what | dtype | hidden | rows | RMSNorm us | LayerNorm us | RMSNorm saves |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in tiers:
+            lines.append(f"| {r['tier']} | {r['level']} | {r['what']} | {r['dtype']} | {r.get('hidden', '')} "
+                         f"| {r.get('rows', '')} | {r['rms_s'] * 1e6:.1f} | {r['layer_s'] * 1e6:.1f} "
+                         f"| {100 * r['saving']:+.0f}% |")
     if fams:
         lines += ["", f"## Norms per family ({fams[0]['dtype']}, random weights, {fams[0]['layers']} layers, one "
                   "prefill forward)", "", "| family | shape | sites per block | norm calls per token | norm share of "
@@ -377,6 +452,8 @@ def main() -> None:
     ops = op_level(args, norms, device, meta["bandwidth_gb_s"], lambda row: save("op_level", row))
     models = [] if args.no_model else model_level(args, norms, model_dir, lambda row: save("model_level", row))
     fams = families(args, lambda row: save("families", row)) if args.families else []
+    results["tiers"] = tier_rows(ops, models)
+    results["verdicts"] = verdicts(results["tiers"])
     table = markdown(meta, ops, models, args.train, fams)
     print(table)
     (out / "results.md").write_text(table)
