@@ -118,7 +118,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None
     """
     if not x.is_cpu or x.dtype not in DTYPES or _common.FORCE_TORCH or _ops is False or not _lanes:
         return False
-    if (weight.dtype != x.dtype and weight.dtype != torch.float32) or x.shape[-1] >= WIDEST:
+    if (weight.dtype != x.dtype and weight.dtype != torch.float32) or not 0 < x.shape[-1] < WIDEST:
         return False
     if (residual is not None and residual.dtype != x.dtype) or (bias is not None and bias.dtype != weight.dtype):
         return False  # h = x + residual promotes (the torch code rounds it so); mixed gains are rare

@@ -91,6 +91,7 @@ def test_strided_rows_mixed_weight_and_unsupported_dtypes_fall_back_or_match():
         want_w = rms_torch(wide, torch.ones(40000), None, 1e-5, 0.0, False)[0]
         assert torch.equal(rms_norm(wide, torch.ones(40000), 1e-5), want_w)
         assert cpu.CALLS["rms_norm"] == before
+        assert rms_norm(torch.empty(3, 0), torch.ones(0), 1e-5).shape == (3, 0)  # no features: torch code
         assert rms_norm(torch.empty(0, 576, dtype=torch.bfloat16), w32, 1e-5).shape == (0, 576)
 
 
