@@ -43,10 +43,10 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 WIDEST = 32768
 
 _ops = None  # torch.ops.minillama_cpu once loaded; False when it cannot be
-# torch's Vectorized<float> width at its dispatch level: its fp32 sums add in lanes of this many,
-# and the kernels replay that order. None (kernels unused) where torch runs other kernels.
+# The kernels replay torch's fp32 sums, whose order is that of its AVX2 kernel on AVX2 and AVX-512
+# machines alike (torch gives its sum no AVX-512 kernel). Elsewhere (no AVX2) the torch code runs.
 _CAPABILITY = torch.backends.cpu.get_cpu_capability()
-_lanes = next((n for isa, n in (("AVX512", 16), ("AVX2", 8)) if _CAPABILITY.startswith(isa)), None)
+_replayable = _CAPABILITY.startswith(("AVX2", "AVX512"))
 # Calls by kernel name (tests assert the fast path really ran, as LAUNCHES does for Triton).
 CALLS: dict[str, int] = {"rms_norm": 0, "layer_norm": 0}
 
@@ -116,7 +116,9 @@ def applies(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None
     kernels have no backward), never under kernels.torch_path() (tests compare against it).
     Checked cheapest first: a decode step makes dozens of norm calls.
     """
-    if not x.is_cpu or x.dtype not in DTYPES or _common.FORCE_TORCH or _ops is False or not _lanes:
+    if torch.compiler.is_compiling():  # first: Dynamo then reads no module state (no guard on _ops)
+        return False
+    if not x.is_cpu or x.dtype not in DTYPES or _common.FORCE_TORCH or _ops is False or not _replayable:
         return False
     if (weight.dtype != x.dtype and weight.dtype != torch.float32) or not 0 < x.shape[-1] < WIDEST:
         return False
@@ -124,7 +126,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None
         return False  # h = x + residual promotes (the torch code rounds it so); mixed gains are rare
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual, bias)):
         return False
-    if torch.compiler.is_compiling() or isinstance(x, FakeTensor):
+    if isinstance(x, FakeTensor):
         return False
     return load() is not None
 
@@ -133,11 +135,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | Non
              offset: float, fp32_gain: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, h) shaped as x, y in weight's dtype; h is None without a residual."""
     CALLS["rms_norm"] += 1
-    return _ops.rms_norm.default(x, weight, residual, eps, offset, fp32_gain, _lanes)
+    return _ops.rms_norm.default(x, weight, residual, eps, offset, fp32_gain)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, h) shaped as x, y in h's dtype; h is None without a residual."""
     CALLS["layer_norm"] += 1
-    return _ops.layer_norm.default(x, weight, bias, residual, eps, _lanes)
+    return _ops.layer_norm.default(x, weight, bias, residual, eps)

@@ -158,6 +158,7 @@ def _evict(folder: Path, kind: str, keep: int) -> None:
     packages = sorted(folder.glob(f"{kind}-*.so"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in packages[keep:]:
         old.unlink(missing_ok=True)
+        old.with_suffix(".lock").unlink(missing_ok=True)
 
 
 class PackagedStep:
@@ -208,16 +209,31 @@ class PackagedStep:
 
     def _runner(self, *example: torch.Tensor) -> Any:
         path = self.folder / f"{self.kind}-{step_key(self.model, example[0].shape[0])}.so"
+        damaged = False
         if path.is_file():
-            try:
-                runner = _runtime().AOTIModelContainerRunnerCpu(str(path), 1)
-                os.utime(path)  # most recently used
-                self.status = "loaded"
+            runner, damaged = self._load(path), True
+            if runner is not None:
                 return runner
-            except Exception as e:  # noqa: BLE001 - a damaged file is rebuilt, not fatal
-                log.warning("%s: cannot load (%s); compiling again", path, e)
         self.folder.mkdir(parents=True, exist_ok=True)
-        build_library(self.model, path, example, self.kind)
-        _evict(self.folder, self.kind, KEEP)
+        from filelock import FileLock
+
+        # One build per key: processes starting together (the ranks of a launch, a server and a
+        # CLI) compile it once; the others wait for the library and load it.
+        with FileLock(str(path.with_suffix(".lock"))):
+            if not damaged and path.is_file() and (runner := self._load(path)) is not None:
+                return runner  # built by another process while this one waited
+            build_library(self.model, path, example, self.kind)
+            _evict(self.folder, self.kind, KEEP)
         self.status = "compiled"
         return _runtime().AOTIModelContainerRunnerCpu(str(path), 1)
+
+    def _load(self, path: Path) -> Any:
+        """The cached library at `path` as a runner; None (with a warning) where it does not load."""
+        try:
+            runner = _runtime().AOTIModelContainerRunnerCpu(str(path), 1)
+        except Exception as e:  # noqa: BLE001 - a damaged file is rebuilt, not fatal
+            log.warning("%s: cannot load (%s); compiling again", path, e)
+            return None
+        os.utime(path)  # most recently used
+        self.status = "loaded"
+        return runner

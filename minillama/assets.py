@@ -6,6 +6,8 @@ checkpoint directory in the cache, so every later load is a plain `from_pretrain
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import sys
@@ -175,6 +177,30 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Within: one parse per GGUF file, one llama.cpp tensor-name map per (architecture, layers).
+
+    transformers' loader parses the whole file for the config, again for the weights and again for
+    the tokenizer (each parse walks the 49K-entry vocabulary through numpy), and rebuilds the
+    gguf package's name map for every module of the model (~400 times): most of a 25 s
+    conversion. Both are pure functions of their arguments, read through `gguf` at call time, so
+    they are memoised here for the duration of one conversion and restored after."""
+    import gguf
+
+    originals = {name: getattr(gguf, name, None) for name in ("GGUFReader", "get_tensor_name_map")}
+    if None in originals.values():  # another gguf release: convert at its own speed
+        yield
+        return
+    gguf.GGUFReader = functools.lru_cache(maxsize=4)(originals["GGUFReader"])
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=16)(originals["get_tensor_name_map"])
+    try:
+        yield
+    finally:
+        for name, value in originals.items():
+            setattr(gguf, name, value)
+
+
 def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     """Dequantize a GGUF file of a GGUF_ARCHITECTURES architecture into an HF safetensors directory
     (atomically), through transformers' own GGUF loader; anything else is refused before loading."""
@@ -210,16 +236,17 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
                           "checkpoint instead")
     where = dict(gguf_file=gguf_file.name, local_files_only=True)
     try:
-        config = AutoConfig.from_pretrained(str(gguf_file.parent), **where)
-        if config.model_type not in ARCHITECTURES:  # e.g. a multimodal gemma3 where gemma3_text is expected
-            raise ConfigError(
-                f"{gguf_file}: transformers reads this {arch} file as architecture {config.model_type!r} "
-                f"(not {GGUF_ARCHITECTURES[arch]!r}), which is not supported "
-                f"(supported: {', '.join(ARCHITECTURES)})"
-            )
-        config = _gguf_config(config, arch, meta, tensors, gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), config=config, **where)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), **where)
+        with _gguf_parsed_once():
+            config = AutoConfig.from_pretrained(str(gguf_file.parent), **where)
+            if config.model_type not in ARCHITECTURES:  # e.g. a multimodal gemma3 where gemma3_text is expected
+                raise ConfigError(
+                    f"{gguf_file}: transformers reads this {arch} file as architecture {config.model_type!r} "
+                    f"(not {GGUF_ARCHITECTURES[arch]!r}), which is not supported "
+                    f"(supported: {', '.join(ARCHITECTURES)})"
+                )
+            config = _gguf_config(config, arch, meta, tensors, gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), config=config, **where)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), **where)
     except MinillamaError:
         raise
     except (ValueError, TypeError, OSError, KeyError, RuntimeError, NotImplementedError) as e:

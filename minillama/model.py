@@ -217,7 +217,9 @@ class Transformer(nn.Module):
         self.generation_config: dict = {}  # generation_config.json of the checkpoint, kept for saving
         # Training: recompute each block's activations in backward instead of storing them.
         self.gradient_checkpointing = False
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Given its (uninitialised) weight, nn.Embedding skips its own init: init_weights below does
+        # it, and on meta (a model built to load into) torch's normal_ imports torch._dynamo, ~2 s.
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = _norm(cfg, cfg.hidden_size)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -262,10 +264,12 @@ class Transformer(nn.Module):
         Every block runs the same code on its own parameters, so one compiled graph (per grad
         mode and first-block/other-block signature) serves all of them: compiling takes seconds
         where the whole model would take minutes, and the math is unchanged (tested against the
-        eager run). The fused norms' backward runs through their registered ops.
+        eager run). The fused norms' backward runs through their registered ops. Dynamic shapes
+        from the first call: a fine-tune's batches differ in length, and torch.compile's default
+        would compile each signature twice (static for the first length, then dynamic).
         """
         for block in self.layers:
-            block.compile(**{"fullgraph": True, **options})
+            block.compile(**{"fullgraph": True, "dynamic": True, **options})
 
     def tie_weights(self) -> None:
         """Share the input embedding with the output projection when the config says so (unless

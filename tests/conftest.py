@@ -9,6 +9,12 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # The suite's compile cache is its own temporary directory (private_caches), shared by the xdist
 # workers: keep every library in it, so that one worker never evicts what another is about to load.
 os.environ["MINILLAMA_AOT_KEEP"] = "1000"
+# Inductor, in every process that compiles for the CPU, first proves the compiler can build each
+# vector instruction set /proc/cpuinfo lists by starting one Python per set (~10 s a process); the
+# suite's machines build our own AVX2/AVX-512 kernels anyway, so it trusts cpuinfo. And one
+# compile thread: each xdist worker (and the processes it starts) has one core's share already.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import copy  # noqa: E402
 import shutil  # noqa: E402
@@ -47,7 +53,9 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
 
 def hf_config(model_type: str = "llama", **overrides: Any) -> transformers.PretrainedConfig:
     """transformers' own config class of `model_type`, tiny (TINY) unless overridden."""
-    kwargs = {**TINY, **overrides}
+    # a copy: transformers writes into the dicts it is given (rope_scaling gains a rope_theta), and a
+    # test's shared constant must not carry one model's values into the next
+    kwargs = copy.deepcopy({**TINY, **overrides})
     if model_type == "mistral":
         kwargs.setdefault("sliding_window", None)
     return transformers.AutoConfig.for_model(model_type, **kwargs)

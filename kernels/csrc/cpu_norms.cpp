@@ -73,7 +73,7 @@ template <typename T> inline raw_t<T>* raw_mut(at::Tensor& t) {
 
 // torch's fp32 sum of a contiguous row (its cascade sum, aten/src/ATen/native/cpu/SumKernel.cpp),
 // replayed add for add, so mean(h^2) -- and with it every output -- is torch's to the last bit.
-// Its shape: the row as elements of L lanes (L = the running torch's Vectorized<float> width), in
+// Its shape: the row as elements of L = 8 lanes (an AVX2 Vectorized<float>), in
 // four interleaved partial sums, each summed in levels of 2^p elements so that only partial sums
 // of similar size meet; then the scalar tail, then the lanes in order.
 inline int64_t ceil_log2(int64_t x) { return x <= 2 ? 1 : 64 - __builtin_clzll(static_cast<uint64_t>(x - 1)); }
@@ -136,10 +136,10 @@ float torch_sum_lanes(const float* v, int64_t n) {
   return total;
 }
 
-// lanes: 8 on AVX2 builds of torch, 16 on AVX-512 (kernels/cpu.py reads torch's own dispatch level).
-inline float torch_sum(const float* v, int64_t n, int lanes) {
-  return lanes == 16 ? torch_sum_lanes<16>(v, n) : torch_sum_lanes<8>(v, n);
-}
+// Lanes of 8 on AVX-512 machines too: torch registers its sum kernel with REGISTER_DISPATCH, which
+// gives the AVX-512 dispatch level no kernel of its own, so those machines run the AVX2 one
+// (measured: a replay in lanes of 16 differs from torch.sum in the last bit on ~25% of rows).
+inline float torch_sum(const float* v, int64_t n) { return torch_sum_lanes<8>(v, n); }
 
 // Row conversions between the raw element type and fp32: plain loops the compiler vectorises, and
 // for fp16 eight at a time with F16C (one scalar conversion per element is 4x slower).
@@ -201,7 +201,6 @@ inline void load_row(const T* x, const T* r, T* h, float* __restrict buf, float*
 
 struct Rows {
   int64_t rows, n, sx, sr;  // row count, width, row strides of x and residual
-  int lanes;                // torch's Vectorized<float> width, which fixes its sum's order
 };
 
 // Rows per task: enough work (~32K elements) that a thread hand-off pays; one row runs inline.
@@ -220,7 +219,7 @@ void rms_rows(const T* x, const T* r, T* h, const W* w, W* y, Rows d, float eps,
       load_row<T>(x + i * d.sx, r ? r + i * d.sr : nullptr, h ? h + i * d.n : nullptr, b, tmp.data(), d.n);
       // torch: rsqrt(mean(h^2) + eps), mean = sum(h * h) / n, all fp32
       for (int64_t j = 0; j < d.n; ++j) tmp[j] = b[j] * b[j];
-      const float rstd = 1.f / std::sqrt(torch_sum(tmp.data(), d.n, d.lanes) / static_cast<float>(d.n) + eps);
+      const float rstd = 1.f / std::sqrt(torch_sum(tmp.data(), d.n) / static_cast<float>(d.n) + eps);
       const float* __restrict g = gain.data();
       W* __restrict yi = y + i * d.n;
       if constexpr (std::is_same_v<T, half_bits> || std::is_same_v<W, half_bits>) {  // in passes over b
@@ -247,12 +246,12 @@ void layer_rows(const T* x, const T* r, T* h, const W* w, const W* bias, T* y, R
       float* __restrict b = buf.data();
       load_row<T>(x + i * d.sx, r ? r + i * d.sr : nullptr, h ? h + i * d.n : nullptr, b, tmp.data(), d.n);
       // two passes over the fp32 row (in cache): the mean, then the variance around it
-      const float mean = torch_sum(b, d.n, d.lanes) / static_cast<float>(d.n);
+      const float mean = torch_sum(b, d.n) / static_cast<float>(d.n);
       for (int64_t j = 0; j < d.n; ++j) {
         b[j] -= mean;
         tmp[j] = b[j] * b[j];
       }
-      const float rstd = 1.f / std::sqrt(torch_sum(tmp.data(), d.n, d.lanes) / static_cast<float>(d.n) + eps);
+      const float rstd = 1.f / std::sqrt(torch_sum(tmp.data(), d.n) / static_cast<float>(d.n) + eps);
       const float* __restrict g = gain.data();
       const float* __restrict be = beta.data();
       if constexpr (std::is_same_v<T, half_bits>) {
@@ -273,14 +272,13 @@ at::Tensor as_rows(const at::Tensor& t) {
   return t2.stride(1) == 1 || t2.size(1) <= 1 ? t2 : t2.contiguous();
 }
 
-Rows check(const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& r2, int64_t lanes) {
-  TORCH_CHECK(lanes == 8 || lanes == 16, "cpu_norms: lanes must be 8 or 16");
+Rows check(const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& r2) {
   TORCH_CHECK(w.dim() == 1 && w.size(0) == x2.size(1), "cpu_norms: weight does not match the row width");
   if (r2) {
     TORCH_CHECK(r2->sizes() == x2.sizes(), "cpu_norms: residual must be shaped as x");
     TORCH_CHECK(r2->scalar_type() == x2.scalar_type(), "cpu_norms: residual dtype must be x's");
   }
-  return Rows{x2.size(0), x2.size(1), x2.stride(0), r2 ? r2->stride(0) : 0, static_cast<int>(lanes)};
+  return Rows{x2.size(0), x2.size(1), x2.stride(0), r2 ? r2->stride(0) : 0};
 }
 
 // Calls f(T{}, W{}) (torch element types) for the (activation, weight) dtype pair: the weight in
@@ -301,11 +299,11 @@ void dispatch(at::ScalarType in, at::ScalarType weight, F&& f) {
 // residual (an undefined tensor: nothing allocated).
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight,
                                             const std::optional<at::Tensor>& residual, double eps,
-                                            double offset, bool fp32_gain, int64_t lanes) {
+                                            double offset, bool fp32_gain) {
   TORCH_CHECK(x.dim() >= 1, "cpu_norms: x needs a last dimension");
   const at::Tensor x2 = as_rows(x);
   const std::optional<at::Tensor> r2 = residual ? std::optional<at::Tensor>(as_rows(*residual)) : std::nullopt;
-  const Rows d = check(x2, weight, r2, lanes);
+  const Rows d = check(x2, weight, r2);
   const at::Tensor w = weight.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(w.scalar_type()));
   at::Tensor h = residual ? at::empty(x.sizes(), x.options()) : at::Tensor();  // None without one
@@ -322,12 +320,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
 // (y, h) as rms_norm; y in h's dtype, as kernels/layer_norm.py rounds it.
 std::tuple<at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, const at::Tensor& weight,
                                               const std::optional<at::Tensor>& bias,
-                                              const std::optional<at::Tensor>& residual, double eps,
-                                              int64_t lanes) {
+                                              const std::optional<at::Tensor>& residual, double eps) {
   TORCH_CHECK(x.dim() >= 1, "cpu_norms: x needs a last dimension");
   const at::Tensor x2 = as_rows(x);
   const std::optional<at::Tensor> r2 = residual ? std::optional<at::Tensor>(as_rows(*residual)) : std::nullopt;
-  const Rows d = check(x2, weight, r2, lanes);
+  const Rows d = check(x2, weight, r2);
   TORCH_CHECK(!bias || (bias->sizes() == weight.sizes() && bias->scalar_type() == weight.scalar_type()),
               "cpu_norms: bias does not match the weight");
   const at::Tensor w = weight.contiguous();
@@ -347,8 +344,8 @@ std::tuple<at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, const at::Ten
 }  // namespace
 
 TORCH_LIBRARY(minillama_cpu, m) {
-  m.def("rms_norm(Tensor x, Tensor weight, Tensor? residual, float eps, float offset, bool fp32_gain, int lanes) -> (Tensor, Tensor)");
-  m.def("layer_norm(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, float eps, int lanes) -> (Tensor, Tensor)");
+  m.def("rms_norm(Tensor x, Tensor weight, Tensor? residual, float eps, float offset, bool fp32_gain) -> (Tensor, Tensor)");
+  m.def("layer_norm(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, float eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(minillama_cpu, CPU, m) {
