@@ -75,8 +75,7 @@ def load():
 def _build():
     # The library's name carries a hash of everything that goes into it, so a second process loads
     # the file without touching the compiler, and a changed source or torch never loads a stale one.
-    isa = torch.backends.cpu.get_cpu_capability()
-    isa = next((k for k in ISA_FLAGS if isa.startswith(k)), "DEFAULT")
+    isa = next((k for k in ISA_FLAGS if _CAPABILITY.startswith(k)), "DEFAULT")
     # -ffp-contract=off: no fused multiply-adds, so every product rounds as torch's kernels round it.
     # -fopenmp: at::parallel_for is inline OpenMP; the libgomp.so.1 it links is the one torch loaded.
     cflags = ["-O3", "-ffp-contract=off", "-fopenmp", *ISA_FLAGS.get(isa, [])]

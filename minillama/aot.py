@@ -209,18 +209,16 @@ class PackagedStep:
 
     def _runner(self, *example: torch.Tensor) -> Any:
         path = self.folder / f"{self.kind}-{step_key(self.model, example[0].shape[0])}.so"
-        damaged = False
-        if path.is_file():
-            runner, damaged = self._load(path), True
-            if runner is not None:
-                return runner
+        tried = path.is_file()  # a file that fails to load here is rebuilt, not tried again
+        if tried and (runner := self._load(path)) is not None:
+            return runner
         self.folder.mkdir(parents=True, exist_ok=True)
         from filelock import FileLock
 
         # One build per key: processes starting together (the ranks of a launch, a server and a
         # CLI) compile it once; the others wait for the library and load it.
         with FileLock(str(path.with_suffix(".lock"))):
-            if not damaged and path.is_file() and (runner := self._load(path)) is not None:
+            if not tried and path.is_file() and (runner := self._load(path)) is not None:
                 return runner  # built by another process while this one waited
             build_library(self.model, path, example, self.kind)
             _evict(self.folder, self.kind, KEEP)

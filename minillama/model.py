@@ -219,7 +219,8 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
         # Given its (uninitialised) weight, nn.Embedding skips its own init: init_weights below does
         # it, and on meta (a model built to load into) torch's normal_ imports torch._dynamo, ~2 s.
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        shape = (cfg.vocab_size, cfg.hidden_size)
+        self.embed = nn.Embedding(*shape, _weight=torch.empty(shape))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = _norm(cfg, cfg.hidden_size)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
