@@ -25,10 +25,11 @@ from .atomic import atomic_directory, recover_directory
 from .config import ModelConfig, checkpoint_dtype, load_config, parse_dtype, to_hf_config
 from .errors import CheckpointError, ConfigError
 from .hub import resolve_model
-from .linear import ordinary_tensors, prepack_enabled, prepack_model
+from .linear import Linear, ordinary_tensors, pack_layer, prepack_enabled, prepack_model
 from .model import Transformer
 from .norms import Norm
-from .quant import QuantConfig, as_quant_config, pack_quantized, quantize_model, quantized_layers
+from .quant import (QuantConfig, as_quant_config, pack_quantized, quantizable_layers, quantize_layer, quantize_model,
+                    quantized_layers)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -123,13 +124,37 @@ def _add_quantized(layout: dict[str, Target], cfg: ModelConfig) -> None:
 
 def _checkpoint_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """Every parameter and buffer by name: what the layout's targets point at (quantized layers keep
-    their integers and scales as buffers)."""
-    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    their integers and scales as buffers). Read without restoring a released weight
+    (minillama/linear.py): such a tensor has its shape and dtype but no memory; `_dense` reads it."""
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        for name, t in [*dict.items(module.__dict__["_parameters"]), *dict.items(module.__dict__["_buffers"])]:
+            if t is not None:
+                tensors.setdefault(f"{prefix}.{name}" if prefix else name, t)
+    return tensors
 
 
 def _view(params: dict[str, torch.Tensor], target: Target) -> torch.Tensor:
     tensor = params[target.name]
     return tensor if target.start is None else tensor[target.start : target.stop]
+
+
+def _nbytes(params: dict[str, torch.Tensor], target: Target) -> int:
+    """The bytes of a target, from its shape alone."""
+    tensor = params[target.name]
+    rows = tensor.shape[0] if target.start is None else target.stop - target.start
+    return tensor.nbytes // max(tensor.shape[0], 1) * rows if tensor.dim() else tensor.nbytes
+
+
+def _dense(model: Transformer, params: dict[str, torch.Tensor], target: Target) -> torch.Tensor:
+    """A target's values as a contiguous CPU tensor; a released weight is unpacked for the call
+    and stays released."""
+    owner, _, name = target.name.rpartition(".")
+    module = model.get_submodule(owner)
+    if isinstance(module, Linear) and module.released and name == "weight":
+        tensor = module.packed_weight_dense()
+        return (tensor if target.start is None else tensor[target.start : target.stop]).contiguous()
+    return _view(params, target).detach().to("cpu").contiguous()
 
 
 def weight_files(ckpt_dir: Path) -> list[Path]:
@@ -214,52 +239,124 @@ def _read(f: Any, key: str, index: Index) -> torch.Tensor:
     return f.get_slice(key)[index]
 
 
+_SAFETENSORS_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
+                       "I64": torch.int64, "BOOL": torch.bool, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F32": torch.float32, "F64": torch.float64}
+_CHUNK_BYTES = 64 << 20  # read a tensor this many bytes of the file at a time
+
+
+def _is_float(file_dtype: str) -> bool:
+    """Whether a safetensors dtype name ("F32", "BF16", "F8_E4M3", "I8", ...) is a float."""
+    return file_dtype.startswith(("F", "BF"))
+
+
+def _copy_into(dst: torch.Tensor, file: Path, key: str, index: Index) -> None:
+    """Copy tensor `key` (or the part `index` selects) of `file` into `dst`, cast to its dtype.
+
+    Rows are read a chunk at a time, each through its own mapping of the file: every page a mapping
+    touches stays resident until it is unmapped, so reading a tensor whole would hold it twice (the
+    mapped file and the copy) and one open over the whole file would hold a second model."""
+    rows = dst.shape[0] if dst.dim() else 1
+    step = max(1, _CHUNK_BYTES // max(1, dst.numel() // max(rows, 1) * 4))  # rows per chunk (fp32 rows at most)
+    if index is not None or dst.dim() == 0 or rows <= step:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            dst.copy_(_read(f, key, index))
+        return
+    for start in range(0, rows, step):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            dst[start : start + step].copy_(f.get_slice(key)[start : start + step])
+
+
+def _defer(tensor: torch.Tensor) -> None:
+    """Free a not-yet-loaded tensor's memory, keeping its shape, dtype and identity (`_allocate`
+    gives it back); left as it is where its storage is not its own alone."""
+    storage = tensor.untyped_storage()
+    if tensor.device.type != "meta" and storage.resizable() and storage.nbytes() == tensor.nbytes \
+            and not tensor.storage_offset() and tensor.is_contiguous():
+        storage.resize_(0)
+
+
+def _allocate(tensor: torch.Tensor) -> None:
+    """Give a deferred tensor its memory back (uninitialised)."""
+    storage = tensor.untyped_storage()
+    if storage.nbytes() < tensor.nbytes:
+        storage.resize_(tensor.nbytes)
+
+
 @torch.no_grad()
-def load_weights(model: Transformer, ckpt_dir: str | Path, select: Selector | None = None) -> None:
+def load_weights(model: Transformer, ckpt_dir: str | Path, select: Selector | None = None,
+                 loaded: Callable[[str], None] | None = None) -> None:
     """Copy a checkpoint's tensors into `model` (cast to its dtype and device), strictly.
 
     select: read only part of each tensor (tensor-parallel shards: minillama/parallel.py); the
-    part is read from the file alone, never the whole tensor. Missing, unexpected, shape-mismatched
-    and integer-vs-float tensors are all reported, by name, in one CheckpointError.
+    part is read from the file alone, never the whole tensor. loaded(module_name) runs as soon as
+    the last tensor of that module is in, while the rest still streams (from_pretrained packs or
+    quantizes each projection there, so the whole dense model is never held beside its packed or
+    quantized form); the loader keeps no reference to a finished module's tensors. Missing,
+    unexpected, shape-mismatched and integer-vs-float tensors are all reported, by name, in one
+    CheckpointError.
     """
     ckpt_dir = Path(ckpt_dir)
     layout = hf_layout(model.config)
     params = _checkpoint_tensors(model)
+    pending: dict[str, set[str]] = {}  # module name -> its checkpoint keys not read yet
+    for key, target in layout.items():
+        pending.setdefault(target.name.rpartition(".")[0], set()).add(key)
     seen: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
     wrong_dtype: list[str] = []
-    for file in weight_files(ckpt_dir):
-        try:
-            check_header(file)
-            with safe_open(file, framework="pt", device="cpu") as f:
-                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-            for key, shape in shapes.items():
-                target = layout.get(key)
-                if target is None:
-                    if not (_IGNORED.match(key) or (key == "lm_head.weight" and model.config.tie_word_embeddings)):
-                        unexpected.append(key)
-                    continue
-                seen.add(key)
-                dst = _view(params, target)
-                index = select(key, shape) if select is not None else None
-                if _sliced_shape(shape, index) != tuple(dst.shape):
-                    part = f" (part {list(_sliced_shape(shape, index))})" if index is not None else ""
-                    mismatched.append(f"{key} (checkpoint {list(shape)}{part}, model {list(dst.shape)})")
-                    continue
-                # One mapping per tensor: every page a mapping touches counts as resident until it is
-                # unmapped, so a single open over a whole file would hold a second copy of the model.
+    # Each tensor gets its memory when it is read, not all at once before: the memory a finished
+    # layer frees (its dense weight, packed or quantized by `loaded`) is then reused by the next
+    # one, where memory touched up front would stay resident after it is freed.
+    for name in {target.name for target in layout.values()}:
+        _defer(params[name])
+    try:
+        for file in weight_files(ckpt_dir):
+            try:
+                check_header(file)
                 with safe_open(file, framework="pt", device="cpu") as f:
-                    src = _read(f, key, index)
-                if src.dtype != dst.dtype and not (src.is_floating_point() and dst.is_floating_point()):
-                    # Integers are quantized values: casting them from or to floats would be nonsense.
-                    wrong_dtype.append(f"{key} (checkpoint {src.dtype}, model {dst.dtype})")
-                    continue
-                dst.copy_(src)
-        except SafetensorError as e:
-            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
-        except OSError as e:
-            raise CheckpointError(f"{file}: cannot read ({e})") from None
+                    shapes = {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype())
+                              for key in f.keys()}
+                for key, (shape, file_dtype) in shapes.items():
+                    target = layout.get(key)
+                    if target is None:
+                        if not (_IGNORED.match(key) or (key == "lm_head.weight" and model.config.tie_word_embeddings)):
+                            unexpected.append(key)
+                        continue
+                    if key in seen:
+                        unexpected.append(f"{key} (again in {file.name})")
+                        continue
+                    seen.add(key)
+                    _allocate(params[target.name])
+                    dst = _view(params, target)
+                    index = select(key, shape) if select is not None else None
+                    if _sliced_shape(shape, index) != tuple(dst.shape):
+                        part = f" (part {list(_sliced_shape(shape, index))})" if index is not None else ""
+                        mismatched.append(f"{key} (checkpoint {list(shape)}{part}, model {list(dst.shape)})")
+                        continue
+                    if _is_float(file_dtype) != dst.is_floating_point() or (
+                            not dst.is_floating_point() and _SAFETENSORS_DTYPES.get(file_dtype) != dst.dtype):
+                        # Integers are quantized values: casting them from or to floats would be nonsense.
+                        wrong_dtype.append(f"{key} (checkpoint {_SAFETENSORS_DTYPES.get(file_dtype, file_dtype)}, "
+                                           f"model {dst.dtype})")
+                        continue
+                    _copy_into(dst, file, key, index)
+                    del dst  # no reference outlives the copy (a finished layer may free its weight)
+                    module = target.name.rpartition(".")[0]
+                    pending[module].discard(key)
+                    if not pending[module]:
+                        for name in [n for n in params if n.rpartition(".")[0] == module]:
+                            del params[name]
+                        if loaded is not None:
+                            loaded(module)
+            except SafetensorError as e:
+                raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+            except OSError as e:
+                raise CheckpointError(f"{file}: cannot read ({e})") from None
+    finally:
+        for tensor in params.values():  # unfinished modules (a failed load): memory back, contents undefined
+            _allocate(tensor)
     missing = [k for k in layout if k not in seen]
     problems = []
     if missing:
@@ -371,7 +468,17 @@ def from_pretrained(
         from .offload import resolve_device_map
 
         device_map = resolve_device_map(model, device_map, max_memory, dtype, offload_folder)
-    load_weights(model, path, select)
+    pack = device.type == "cpu" and prepack_enabled(prepack)
+    to_quantize = set(quantizable_layers(model, quantize)) if quantize is not None else set()
+
+    def loaded(name: str) -> None:  # each projection is packed or quantized as soon as it is in
+        if name in to_quantize:
+            quantize_layer(model, name, quantize)
+            to_quantize.discard(name)
+        elif pack and isinstance(layer := model.get_submodule(name), Linear):
+            pack_layer(layer)
+
+    load_weights(model, path, select, loaded)
     swapped = [m for m in model.modules() if isinstance(m, Norm) and not m.hf_compatible]
     for norm_module in swapped:
         norm_module.reset_unloaded()
@@ -380,11 +487,13 @@ def from_pretrained(
         warnings.warn(f"{path}: RMSNorm gains loaded into {cfg.norm!r} as its weight (gamma)"
                       + (f"; its other {extra:,} parameters (beta) start at 0" if extra else ""), stacklevel=2)
     if quantize is not None:
-        quantize_model(model, quantize)
+        for name in sorted(to_quantize):  # the ones with no tensor of their own (a tied lm_head)
+            quantize_layer(model, name, quantize)
+        model.config.quantization = quantize
     if model.config.quantization is not None:
         pack_quantized(model)
-    if device.type == "cpu" and prepack_enabled(prepack):
-        prepack_model(model)
+    if pack:
+        prepack_model(model)  # the rest: a tied lm_head
     if device_map is not None:
         from .offload import dispatch
 
@@ -397,7 +506,20 @@ def from_pretrained(
             raise CheckpointError(f"{generation}: not valid JSON ({e})") from None
         if not isinstance(model.generation_config, dict):
             raise CheckpointError(f"{generation}: expected a JSON object")
+    _return_freed_memory()
     return model.eval()
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory the load freed back to the OS. glibc keeps freed blocks below its mmap
+    threshold (the dense layers packed or quantized away, the conversion temporaries) in its heap,
+    resident, until trimmed: 25-110 MB for SmolLM2. A no-op where the C library has no malloc_trim."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _parse_size(size: int | str) -> int:
@@ -445,13 +567,13 @@ def save_pretrained(
     shards: list[list[str]] = [[]]
     size = 0
     for key, target in layout.items():
-        nbytes = _view(params, target).nbytes
+        nbytes = _nbytes(params, target)
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
         shards[-1].append(key)
         size += nbytes
-    total = sum(_view(params, t).nbytes for t in layout.values())
+    total = sum(_nbytes(params, t) for t in layout.values())
     names = [SINGLE_FILE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]
@@ -463,7 +585,7 @@ def save_pretrained(
     with atomic_directory(path) as tmp:
         for name, keys in zip(names, shards):
             # One shard materialised at a time: fused tensors are sliced into contiguous copies here.
-            tensors = {k: _view(params, layout[k]).detach().to("cpu").contiguous() for k in keys}
+            tensors = {k: _dense(model, params, layout[k]) for k in keys}
             save_file(tensors, tmp / name, metadata={"format": "pt"})
         if len(names) > 1:
             index = {"metadata": {"total_size": total},

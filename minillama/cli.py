@@ -106,7 +106,11 @@ def _stream_reply(model: Any, tokenizer: Any, ids: list[int], args: argparse.Nam
     if args.stats and not quiet:
         compiled = [bool(args.compile) and (getattr(model.__dict__.get(key), "status", None) or True)
                     for key in ("_compiled_step", "_compiled_prefill")]
-        print(format_stats(stats, getattr(args, "load_s", None), *compiled), file=sys.stderr)
+        from .linear import memory_summary
+
+        load_s = getattr(args, "load_s", None)
+        memory = f" [{memory_summary(model)}]" if load_s is not None else ""  # once, with the load
+        print(format_stats(stats, load_s, *compiled) + memory, file=sys.stderr)
         args.load_s = None  # a chat loads once: later turns report no load time
     return "".join(pieces)
 
@@ -311,11 +315,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print a checkpoint's architecture and parameter count."""
+    import torch
+
+    from .linear import memory_summary, model_tensors
     from .quant import QuantLinear
 
     model, _ = _load(args)
     cfg = model.config
-    n_params = sum(p.numel() for p in model.parameters()) + sum(
+    n_params = sum(t.numel() for t in model_tensors(model) if isinstance(t, torch.nn.Parameter)) + sum(
         m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
     from .config import ARCHITECTURES
 
@@ -324,7 +331,7 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"vocab {cfg.vocab_size}, context {cfg.max_position_embeddings}, rope {cfg.rope.rope_type} "
           f"(theta {cfg.rope.theta:g}), sliding window {_windows(cfg)}, tied {cfg.tie_word_embeddings}, "
           f"norm {cfg.norm}, quantization {cfg.quantization.name if cfg.quantization else 'none'}")
-    print(f"{n_params:,} parameters, {model.embed.weight.dtype}, {model.embed.weight.device}")
+    print(f"{n_params:,} parameters, {model.embed.weight.dtype}, {model.embed.weight.device}; {memory_summary(model)}")
     sites = model.norm_sites()
     gain = (f"w + {cfg.norm_offset:g}" if cfg.norm_offset else "w") + (" in fp32" if cfg.norm_fp32_gain else "")
     print(f"family {cfg.model_type} ({ARCHITECTURES[cfg.model_type]}): norms {cfg.norm_placement}, per block "

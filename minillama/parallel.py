@@ -139,7 +139,8 @@ class RowParallelLinear(Linear):
         # The functional all-reduce is traceable, so a compiled decode step keeps it in its graph.
         y = funcol.all_reduce(self.matmul(x, None), "sum", self.group if self.group is not None else
                               dist.group.WORLD)
-        return y if self.bias is None else y + self.bias
+        bias = self.bias_tensor()
+        return y if bias is None else y + bias
 
 
 class ProjectionRMSNorm(RMSNorm):

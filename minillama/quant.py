@@ -35,7 +35,7 @@ from torch import nn
 
 from .config import INT4_GROUP_SIZES, ModelConfig, QuantConfig
 from .errors import ConfigError
-from .linear import Linear
+from .linear import Linear, model_tensors
 
 # The projections a quantized model holds as integers (module names inside each block).
 PROJECTIONS = ("attn.wqkv", "attn.wo", "mlp.w_gate_up", "mlp.w_down")
@@ -51,13 +51,23 @@ def _round_scale(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return value.to(dtype).float()
 
 
+# Rows quantized at a time: the float32 temporaries of a whole 28672 x 4096 projection would be
+# several GB beside a model that is being loaded to take less memory.
+_ROWS = 512
+_PROBE_ROWS = 256  # output rows a kernel is checked on when it is readied
+
+
 def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [out, in], scales [out] in `dtype`): symmetric per-channel quantization of `weight`."""
-    w = weight.detach().float()
-    amax = w.abs().amax(dim=1)
-    scale = _round_scale(torch.where(amax > 0, amax / 127, torch.ones_like(amax)), dtype)
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale.to(dtype)
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=dtype, device=weight.device)
+    for start in range(0, weight.shape[0], _ROWS):
+        w = weight[start : start + _ROWS].detach().float()
+        amax = w.abs().amax(dim=1)
+        scale = _round_scale(torch.where(amax > 0, amax / 127, torch.ones_like(amax)), dtype)
+        q[start : start + _ROWS] = torch.round(w / scale[:, None]).clamp_(-127, 127)
+        scales[start : start + _ROWS] = scale
+    return q, scales
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -77,12 +87,19 @@ def quantize_int4(
     """(packed uint8 [out, in/2], scales, zeros [out, in/group] in `dtype`): min-max quantization
     per group of `group_size` input columns."""
     out, inp = weight.shape
-    w = weight.detach().float().view(out, inp // group_size, group_size)
-    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-    scale = _round_scale((hi - lo).clamp(min=1e-6) / 15, dtype)
-    zero = _round_scale(lo + 8 * scale, dtype)
-    q = torch.round((w - (zero - 8 * scale)[..., None]) / scale[..., None]).clamp_(0, 15)
-    return pack_int4(q.view(out, inp)), scale.to(dtype), zero.to(dtype)
+    packed = torch.empty(out, inp // 2, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(out, inp // group_size, dtype=dtype, device=weight.device)
+    zeros = torch.empty_like(scales)
+    for start in range(0, out, _ROWS):
+        w = weight[start : start + _ROWS].detach().float()
+        w = w.view(w.shape[0], inp // group_size, group_size)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        scale = _round_scale((hi - lo).clamp(min=1e-6) / 15, dtype)
+        zero = _round_scale(lo + 8 * scale, dtype)
+        q = torch.round((w - (zero - 8 * scale)[..., None]) / scale[..., None]).clamp_(0, 15)
+        packed[start : start + _ROWS] = pack_int4(q.view(w.shape[0], inp))
+        scales[start : start + _ROWS], zeros[start : start + _ROWS] = scale, zero
+    return packed, scales, zeros
 
 
 class QuantLinear(nn.Module):
@@ -135,15 +152,17 @@ class QuantLinear(nn.Module):
         """The compute dtype (that of the scales)."""
         return self.scales.dtype
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The float weight [out, in] this layer computes with (in `dtype`, default its own)."""
+    def dequantize(self, dtype: torch.dtype | None = None, rows: int | None = None) -> torch.Tensor:
+        """The float weight [out, in] this layer computes with (in `dtype`, default its own); only
+        its first `rows` output rows if given."""
         dtype = dtype or self.dtype
+        weight, scales = self.weight[:rows], self.scales[:rows]
         if self.config.mode == "int8":
-            return (self.weight.float() * self.scales.float()[:, None]).to(dtype)
+            return (weight.float() * scales.float()[:, None]).to(dtype)
         g = self.config.group_size
-        q = unpack_int4(self.weight).view(self.out_features, -1, g).float()
-        w = (q - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]
-        return w.view(self.out_features, self.in_features).to(dtype)
+        q = unpack_int4(weight).view(weight.shape[0], -1, g).float()
+        w = (q - 8) * scales.float()[..., None] + self.zeros[:rows].float()[..., None]
+        return w.view(weight.shape[0], self.in_features).to(dtype)
 
     def _dequant_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.mode == "int8":
@@ -180,8 +199,9 @@ class QuantLinear(nn.Module):
             kernel = make(self)
             probe = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0))
             probe = probe.to(self.weight.device, _KERNEL_DTYPE)
-            got = kernel(probe).float()
-            want = F.linear(probe.float(), self.dequantize(torch.float32))
+            # The first rows only: a whole float32 copy of the layer would be the load's peak.
+            got = kernel(probe).float()[:, :_PROBE_ROWS]
+            want = F.linear(probe.float(), self.dequantize(torch.float32, rows=_PROBE_ROWS))
         except (RuntimeError, NotImplementedError):
             return False
         # Both sides see the same bf16 inputs; the kernel's rounding of its output (and of
@@ -265,13 +285,9 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def quantize_model(model: nn.Module, spec: str | QuantConfig | dict, *, empty: bool = False) -> nn.Module:
-    """Replace the projections of a minillama Transformer with quantized layers, in place.
-
-    empty: build the layers without quantizing (on the meta device, before loading a quantized
-    checkpoint). Every layer is checked before any is replaced, so an error leaves the model as it was.
-    """
-    config = as_quant_config(spec)
+def quantizable_layers(model: nn.Module, config: QuantConfig) -> list[str]:
+    """The names of the layers `config` quantizes in `model`, after checking that it can: the
+    model is not quantized already, the int4 group divides every layer, each is a plain Linear."""
     if model.config.quantization is not None:
         raise ConfigError(f"the model is already quantized ({model.config.quantization.name}); "
                           "quantize its original checkpoint instead")
@@ -283,14 +299,29 @@ def quantize_model(model: nn.Module, spec: str | QuantConfig | dict, *, empty: b
         layer = model.get_submodule(name)
         if not isinstance(layer, Linear):
             raise ConfigError(f"{name}: cannot quantize a {type(layer).__name__} (apply LoRA after quantizing)")
-    for name in names:
-        layer = model.get_submodule(name)
-        if empty:
-            new = QuantLinear(layer.in_features, layer.out_features, layer.bias is not None, config,
-                              layer.weight.dtype, layer.weight.device)
-        else:
-            new = QuantLinear.from_linear(layer, config)
-        _replace(model, name, new)
+    return names
+
+
+def quantize_layer(model: nn.Module, name: str, config: QuantConfig, *, empty: bool = False) -> None:
+    """Replace the Linear `name` of `model` with its quantized layer (empty: unquantized, to load into)."""
+    layer = model.get_submodule(name)
+    if empty:
+        new = QuantLinear(layer.in_features, layer.out_features, layer.bias is not None, config,
+                          layer.weight.dtype, layer.weight.device)
+    else:
+        new = QuantLinear.from_linear(layer, config)
+    _replace(model, name, new)
+
+
+def quantize_model(model: nn.Module, spec: str | QuantConfig | dict, *, empty: bool = False) -> nn.Module:
+    """Replace the projections of a minillama Transformer with quantized layers, in place.
+
+    empty: build the layers without quantizing (on the meta device, before loading a quantized
+    checkpoint). Every layer is checked before any is replaced, so an error leaves the model as it was.
+    """
+    config = as_quant_config(spec)
+    for name in quantizable_layers(model, config):
+        quantize_layer(model, name, config, empty=empty)
     model.config.quantization = config
     return model
 
@@ -319,6 +350,6 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every tensor the model saves (a tied matrix counted once; KV caches never)."""
-    unique = {t.data_ptr(): t for t in model.state_dict().values()}
-    return sum(t.numel() * t.element_size() for t in unique.values())
+    """Bytes of every tensor the model saves (a tied matrix counted once; KV caches never), from
+    shapes alone: a released weight (minillama/linear.py) stays released."""
+    return sum(t.numel() * t.element_size() for t in model_tensors(model))

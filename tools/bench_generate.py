@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchutil import decode_rate, median_spread, read_bandwidth, timed, write_json
+from benchutil import decode_bytes, decode_rate, median_spread, read_bandwidth, timed, write_json
 
 # minillama-plain: eager with ordinary matmuls (prepack=False); minillama: the default eager path
 # (on a CPU, projections prepacked for oneDNN at load); minillama-compiled: compile=True (the decode
@@ -55,7 +55,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import minillama
     from minillama.generate import CACHE_ROUND, generate
     from minillama.hub import model_path
-    from minillama.linear import packed_bytes
+    from minillama.linear import model_tensors, packed_bytes
     from minillama.quant import weight_bytes
 
     torch.set_num_threads(args.threads)
@@ -80,7 +80,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             return model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=-1, pad_token_id=0)
     else:
         model = minillama.from_pretrained(model_dir, dtype=dtype, device=device, norm=args.norm,
-                                          prepack=False if args.impl == "minillama-plain" else None)
+                                          prepack=False if args.impl == "minillama-plain" else None,
+                                          quantize=None if args.quantize == "none" else args.quantize)
         compile_step = COMPILE.get(args.impl, False)
         result["packed_mb"] = packed_bytes(model) / 2**20
         step_fn = None
@@ -102,8 +103,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             model.setup_cache(1, cache_len)
         result["cache_len"] = cache_len
     result["load_s"] = time.perf_counter() - t0
-    n_params = sum(p.numel() for p in model.parameters())
-    result["weight_bytes"] = weight_bytes(model)
+    n_params = sum(t.numel() for t in model_tensors(model) if isinstance(t, torch.nn.Parameter))
+    result.update(weight_bytes=weight_bytes(model), decode_bytes=decode_bytes(model), quantize=args.quantize)
 
     t0 = time.perf_counter()
     first = run(args.new_tokens)  # warm-up; for the compiled step this is where compilation happens
@@ -128,7 +129,7 @@ def annotate(r: dict[str, Any], rows: list[dict[str, Any]], bandwidth: float) ->
     """Add the roofline and, once transformers' row of that dtype exists, the ratios to it."""
     if "error" in r:
         return
-    r["roofline_tok_s"] = bandwidth * 1e9 / r["weight_bytes"]
+    r["roofline_tok_s"] = bandwidth * 1e9 / r.get("decode_bytes", r["weight_bytes"])
     ref = next((x for x in rows if x["dtype"] == r["dtype"] and x["impl"] == "transformers" and "error" not in x),
                None)
     if ref is not None:
@@ -158,6 +159,8 @@ def main() -> None:
     p.add_argument("--norm", default=None, help="minillama's norm (a registry name; default: the checkpoint's)")
     p.add_argument("--cache-len", type=int, default=None, help="minillama's KV-cache slots, set up before the "
                    "warm-up (default: on CUDA, enough for every call; on a CPU, as generate grows it)")
+    p.add_argument("--quantize", default="none", help="comma-separated minillama quantization modes, e.g. "
+                   "none,int8,int4-g32 (transformers runs only 'none')")
     p.add_argument("--json", help="also write all results here (rewritten as each row finishes)")
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -185,36 +188,40 @@ def main() -> None:
           f"(EOS ignored), prefill {args.prefill} tokens, median [min-max] of {args.repeats}\n")
     rows = []
     compile_cache = tempfile.mkdtemp(prefix="bench-generate-compiled-")
-    for dtype in args.dtypes.split(","):
-        for impl in impls:
-            cmd = [sys.executable, __file__, "--impl", impl, "--dtype", dtype, "--threads", str(args.threads),
-                   "--device", args.device, "--new-tokens", str(args.new_tokens), "--prefill", str(args.prefill),
-                   "--repeats", str(args.repeats)] + (["--model", args.model] if args.model else []) \
-                + (["--norm", args.norm] if args.norm else []) \
-                + (["--cache-len", str(args.cache_len)] if args.cache_len is not None else [])
-            # On a CPU the compiled step runs twice against one fresh compile cache: a first start
-            # (compiles) and a second start (a new process that loads what the first compiled, see
-            # minillama/aot.py); the row is the second's. GPUs compile in-process every time.
-            warmups = []
-            for _ in range(2 if impl in COMPILE and device.type == "cpu" else 1):
-                out = subprocess.run(cmd, capture_output=True, text=True,
-                                     env={**os.environ, "MINILLAMA_COMPILE_CACHE": compile_cache})
-                if out.returncode:
-                    # One failed row (e.g. a path never run on this machine) keeps the others'.
-                    if impl == "transformers":
-                        sys.exit(f"worker {impl}/{dtype} failed:\n{out.stderr[-3000:]}")
-                    print(f"worker {impl}/{dtype} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
-                    row = {"impl": impl, "dtype": dtype, "error": (out.stderr.strip().splitlines() or ["?"])[-1]}
-                    break
-                row = json.loads(out.stdout.strip().splitlines()[-1])
-                warmups.append(row["warmup_s"])
-            rows.append({**row, "first_start_warmup_s": warmups[0] if len(warmups) == 2 else None})
-            annotate(rows[-1], rows, bandwidth)
-            if args.json:  # as each row finishes: a stopped run keeps what it measured
-                write_json(args.json, {"machine": machine, "bandwidth_gb_s": bandwidth, "threads": args.threads,
-                                       "rows": rows})
-            print(f"  measured {impl} {dtype}", file=sys.stderr)
+    runs = [(dtype, quantize, impl) for dtype in args.dtypes.split(",") for quantize in args.quantize.split(",")
+            for impl in impls if quantize == "none" or impl != "transformers"]
+    for dtype, quantize, impl in runs:
+        cmd = [sys.executable, __file__, "--impl", impl, "--dtype", dtype, "--threads", str(args.threads),
+               "--quantize", quantize,
+               "--device", args.device, "--new-tokens", str(args.new_tokens), "--prefill", str(args.prefill),
+               "--repeats", str(args.repeats)] + (["--model", args.model] if args.model else []) \
+            + (["--norm", args.norm] if args.norm else []) \
+            + (["--cache-len", str(args.cache_len)] if args.cache_len is not None else [])
+        # On a CPU the compiled step runs twice against one fresh compile cache: a first start
+        # (compiles) and a second start (a new process that loads what the first compiled, see
+        # minillama/aot.py); the row is the second's. GPUs compile in-process every time.
+        warmups = []
+        for _ in range(2 if impl in COMPILE and device.type == "cpu" else 1):
+            out = subprocess.run(cmd, capture_output=True, text=True,
+                                 env={**os.environ, "MINILLAMA_COMPILE_CACHE": compile_cache})
+            if out.returncode:
+                # One failed row (a path never run on this machine, a model too big for transformers'
+                # load) keeps the others'; a killed worker (out of memory) says so.
+                print(f"worker {impl}/{dtype}/{quantize} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+                last = (out.stderr.strip().splitlines() or [f"killed by signal {-out.returncode}"])[-1]
+                row = {"impl": impl, "dtype": dtype, "quantize": quantize, "error": last}
+                break
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            warmups.append(row["warmup_s"])
+        rows.append({**row, "first_start_warmup_s": warmups[0] if len(warmups) == 2 else None})
+        annotate(rows[-1], rows, bandwidth)
+        if args.json:  # as each row finishes: a stopped run keeps what it measured
+            write_json(args.json, {"machine": machine, "bandwidth_gb_s": bandwidth, "threads": args.threads,
+                                   "rows": rows})
+        print(f"  measured {impl} {dtype} {quantize}", file=sys.stderr)
 
+    for r in rows:  # transformers' row may come after ours
+        annotate(r, rows, bandwidth)
     head = ("| dtype | impl | prefill tok/s | x HF | decode tok/s | x HF | roofline tok/s | % roofline "
             "| peak MB | load s | warm-up s | same tokens |")
     print(head)
@@ -226,10 +233,12 @@ def main() -> None:
         pm, pl, ph = r["prefill_tok_s"]
         dm, dl, dh = r["decode_tok_s"]
         roof = r["roofline_tok_s"]
+        roof_s = f"{roof:.0f}" if roof >= 10 else f"{roof:.1f}"  # a big model's roofline is a few tok/s
         vs = (lambda key: f"{r[key]:.2f}" if key in r else "-")
         same = {True: "yes", False: "no"}.get(r.get("same_tokens_as_hf"), "-")
-        print(f"| {r['dtype']} | {r['impl']} | {pm:.0f} [{pl:.0f}-{ph:.0f}] | {vs('prefill_vs_hf')} "
-              f"| {dm:.1f} [{dl:.1f}-{dh:.1f}] | {vs('decode_vs_hf')} | {roof:.0f} | {100 * dm / roof:.0f}% "
+        label = r["impl"] + (f" {r['quantize']}" if r.get("quantize", "none") != "none" else "")
+        print(f"| {r['dtype']} | {label} | {pm:.0f} [{pl:.0f}-{ph:.0f}] | {vs('prefill_vs_hf')} "
+              f"| {dm:.1f} [{dl:.1f}-{dh:.1f}] | {vs('decode_vs_hf')} | {roof_s} | {100 * dm / roof:.0f}% "
               f"| {r['peak_mem_mb']:.0f} | {r['load_s']:.2f} | {warmup(r)} | {same} |")
     shutil.rmtree(compile_cache, ignore_errors=True)
 

@@ -35,21 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchutil import (decode_rate, median_spread, nll_and_kl, pyplot, read_bandwidth, shakespeare_corpus, timed,
+from benchutil import (decode_bytes, decode_rate, median_spread, nll_and_kl, pyplot, read_bandwidth, shakespeare_corpus, timed,
                        write_json)
 
 TOOLS = Path(__file__).resolve().parent
 DEFAULT_MODES = "none,int8,int4-g32,int4-g64,int4-g128"
-
-
-def decode_bytes(model: torch.nn.Module) -> int:
-    """Bytes a decode step reads: every saved tensor except the embedding table, of which it reads
-    one row, unless that table is also the (unquantized, tied) output projection."""
-    from minillama.quant import weight_bytes
-
-    embed = model.embed.weight
-    tied = getattr(model.lm_head, "weight", None) is embed
-    return weight_bytes(model) - (0 if tied else embed.numel() * embed.element_size())
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:

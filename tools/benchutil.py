@@ -176,3 +176,15 @@ def nll_and_kl(logprobs: torch.Tensor, ids: torch.Tensor, reference: torch.Tenso
         return nll, float("nan")
     reference = reference.float()
     return nll, (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
+
+
+def decode_bytes(model: Any) -> int:
+    """Bytes a decode step reads: every saved tensor except the embedding table, of which it reads
+    one row, unless that table is also the (unquantized, tied) output projection. For minillama's
+    and transformers' models; reads no weight (a released one stays released: minillama/linear.py)."""
+    from minillama.quant import weight_bytes
+
+    embed = model.embed.weight if hasattr(model, "embed") else model.get_input_embeddings().weight
+    head = dict.get(getattr(model, "lm_head").__dict__["_parameters"], "weight")
+    return weight_bytes(model) - (0 if head is embed else embed.numel() * embed.element_size())
+

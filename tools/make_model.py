@@ -224,7 +224,8 @@ def make_model(shape: str, out: str | Path, *, dtype: str = "bfloat16", layers: 
         if "norm" in name:
             # A gain of 1: Gemma's norms multiply by 1 + w, so their w starts at 0 (as transformers').
             p.fill_(1.0 - cfg.norm_offset)
-    return save_pretrained(model, out, tokenizer=tokenizer)
+    # 2 GB shards: the save materialises one shard at a time, beside the model (an 8B bf16 model is 16 GB).
+    return save_pretrained(model, out, tokenizer=tokenizer, max_shard_size="2GB")
 
 
 def main() -> None:
