@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import mmap
 import re
 import warnings
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from .atomic import atomic_directory, recover_directory
 from .config import ModelConfig, checkpoint_dtype, load_config, parse_dtype, to_hf_config
 from .errors import CheckpointError, ConfigError
 from .hub import resolve_model
-from .linear import Linear, ordinary_tensors, pack_layer, prepack_enabled, prepack_model
+from .linear import Linear, ordinary_tensors, pack_layer, packs_shared, prepack_enabled, prepack_model
 from .model import Transformer
 from .norms import Norm
 from .quant import (QuantConfig, as_quant_config, pack_quantized, quantizable_layers, quantize_layer, quantize_model,
@@ -178,10 +179,10 @@ def weight_files(ckpt_dir: Path) -> list[Path]:
     raise CheckpointError(f"{ckpt_dir}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
-def check_header(file: Path) -> None:
-    """CheckpointError for a safetensors header that safetensors itself would accept or misreport:
-    a length past the end of the file, text that is not UTF-8 JSON, a tensor name given twice
-    (the JSON parser would silently keep the last one)."""
+def check_header(file: Path) -> tuple[dict[str, Any], int]:
+    """The safetensors header of `file` and where its data starts. CheckpointError for a header that
+    safetensors itself would accept or misreport: a length past the end of the file, text that is
+    not UTF-8 JSON, a tensor name given twice (the JSON parser would silently keep the last one)."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -206,6 +207,23 @@ def check_header(file: Path) -> None:
         raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
+    return header, 8 + length
+
+
+def _map_tensor(file: Path, header: dict[str, Any], data_start: int, key: str,
+                dst: torch.Tensor) -> tuple[torch.Tensor, mmap.mmap] | None:
+    """Tensor `key` of `file` as `dst`'s shape over a private (copy-on-write) map of the file, or
+    None where the file holds it in another dtype: its pages are read when touched, and the map can
+    give them back (`mmap.madvise`) while the tensor stays valid."""
+    info = header.get(key, {})
+    if _SAFETENSORS_DTYPES.get(info.get("dtype")) != dst.dtype or list(info.get("shape", [])) != list(dst.shape):
+        return None
+    start, stop = info["data_offsets"]
+    with open(file, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    tensor = torch.frombuffer(mapped, dtype=dst.dtype, count=(stop - start) // dst.element_size(),
+                              offset=data_start + start)
+    return tensor.view(dst.shape), mapped
 
 
 def _list(items: list[str], limit: int = 12) -> str:
@@ -285,14 +303,16 @@ def _allocate(tensor: torch.Tensor) -> None:
 
 @torch.no_grad()
 def load_weights(model: Transformer, ckpt_dir: str | Path, select: Selector | None = None,
-                 loaded: Callable[[str], None] | None = None) -> None:
+                 loaded: Callable[[str], None] | None = None, mapped: dict[str, Any] | None = None) -> None:
     """Copy a checkpoint's tensors into `model` (cast to its dtype and device), strictly.
 
     select: read only part of each tensor (tensor-parallel shards: minillama/parallel.py); the
     part is read from the file alone, never the whole tensor. loaded(module_name) runs as soon as
     the last tensor of that module is in, while the rest still streams (from_pretrained packs or
     quantizes each projection there, so the whole dense model is never held beside its packed or
-    quantized form); the loader keeps no reference to a finished module's tensors. Missing,
+    quantized form); the loader keeps no reference to a finished module's tensors. mapped: the
+    parameters it names are not copied but left as copy-on-write maps of the file where the file
+    holds them in the model's dtype (each map is put in the dict, for `madvise`). Missing,
     unexpected, shape-mismatched and integer-vs-float tensors are all reported, by name, in one
     CheckpointError.
     """
@@ -314,7 +334,7 @@ def load_weights(model: Transformer, ckpt_dir: str | Path, select: Selector | No
     try:
         for file in weight_files(ckpt_dir):
             try:
-                check_header(file)
+                header, data_start = check_header(file)
                 with safe_open(file, framework="pt", device="cpu") as f:
                     shapes = {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype())
                               for key in f.keys()}
@@ -341,8 +361,14 @@ def load_weights(model: Transformer, ckpt_dir: str | Path, select: Selector | No
                         wrong_dtype.append(f"{key} (checkpoint {_SAFETENSORS_DTYPES.get(file_dtype, file_dtype)}, "
                                            f"model {dst.dtype})")
                         continue
-                    _copy_into(dst, file, key, index)
-                    del dst  # no reference outlives the copy (a finished layer may free its weight)
+                    view = None
+                    if mapped is not None and target.name in mapped and index is None and target.start is None:
+                        view = _map_tensor(file, header, data_start, key, dst)
+                    if view is not None:
+                        params[target.name].data, mapped[target.name] = view
+                    else:
+                        _copy_into(dst, file, key, index)
+                    del dst, view  # no reference outlives the copy (a finished layer may free its weight)
                     module = target.name.rpartition(".")[0]
                     pending[module].discard(key)
                     if not pending[module]:
@@ -478,7 +504,11 @@ def from_pretrained(
         elif pack and isinstance(layer := model.get_submodule(name), Linear):
             pack_layer(layer)
 
-    load_weights(model, path, select, loaded)
+    # A tied output projection is packed beside the embedding it shares, which then stays a map of
+    # the file: only the rows of the tokens looked up become resident (dropped once packed, below).
+    share = pack and cfg.tie_word_embeddings and select is None and packs_shared(dtype)
+    mapped: dict[str, Any] = {"embed.weight": None} if share else {}
+    load_weights(model, path, select, loaded, mapped)
     swapped = [m for m in model.modules() if isinstance(m, Norm) and not m.hf_compatible]
     for norm_module in swapped:
         norm_module.reset_unloaded()
@@ -494,6 +524,9 @@ def from_pretrained(
         pack_quantized(model)
     if pack:
         prepack_model(model)  # the rest: a tied lm_head
+    for pages in mapped.values():
+        if pages is not None:  # read while packing; what stays resident is what lookups touch
+            pages.madvise(mmap.MADV_DONTNEED)
     if device_map is not None:
         from .offload import dispatch
 

@@ -266,12 +266,18 @@ def pack_layer(layer: Linear) -> bool:
     # No local reference to the weight here: _shared counts references.
     if layer.released or _raw(layer, "weight") is None:
         return layer.released
-    if _raw(layer, "weight").dtype == torch.float32 and _shared(layer):
+    if not packs_shared(_raw(layer, "weight").dtype) and _shared(layer):
         return False
     if not layer.pack():
         return False
     layer.release()
     return True
+
+
+def packs_shared(dtype: torch.dtype) -> bool:
+    """Whether a weight held elsewhere too (a tied output projection) is packed anyway: where the
+    packed product is much faster than the plain one (bf16, fp16), not in fp32 (the same speed)."""
+    return dtype != torch.float32 and can_prepack(dtype)
 
 
 def _shared(layer: Linear) -> bool:
@@ -333,19 +339,27 @@ def model_tensors(model: nn.Module) -> list[torch.Tensor]:
     return list(tensors.values())
 
 
-def dense_bytes(model: nn.Module) -> int:
-    """Memory held by the model's ordinary tensors (each storage once; a released weight holds none)."""
+def _storages(model: nn.Module, mapped: bool) -> int:
+    """Bytes of the model's ordinary tensors' storages (each once; a released weight has none):
+    allocated ones, or (mapped) those over a map of a file (not resizable), resident only where read."""
     storages: dict[int, int] = {}
     for t in model_tensors(model):
-        if t.layout == torch.strided and t.device.type != "meta" and t.untyped_storage().nbytes():
+        if t.layout == torch.strided and t.device.type != "meta" and t.untyped_storage().nbytes() and \
+                (not t.untyped_storage().resizable()) == mapped:
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(storages.values())
 
 
+def dense_bytes(model: nn.Module) -> int:
+    """Memory held by the model's ordinary tensors (each storage once; a released weight holds none)."""
+    return _storages(model, mapped=False)
+
+
 def resident_bytes(model: nn.Module) -> dict[str, int]:
-    """What the weights hold in memory: dense tensors, packed copies, and their total."""
+    """What the weights hold: dense tensors, packed copies and their total in memory; apart, the
+    tensors left as maps of the checkpoint file (a tied embedding: only the rows read are resident)."""
     dense, packed = dense_bytes(model), packed_bytes(model)
-    return {"dense": dense, "packed": packed, "total": dense + packed}
+    return {"dense": dense, "packed": packed, "total": dense + packed, "mapped": _storages(model, mapped=True)}
 
 
 def memory_summary(model: nn.Module) -> str:
@@ -357,4 +371,6 @@ def memory_summary(model: nn.Module) -> str:
     if held["packed"]:
         line += (f" (dense {held['dense'] / 1e6:.0f} MB + prepacked {held['packed'] / 1e6:.0f} MB: the fast path "
                  f"costs {(held['total'] - weights) / 1e6:+.0f} MB)")
+    if held["mapped"]:
+        line += f", {held['mapped'] / 1e6:.0f} MB read from the file as needed"
     return line

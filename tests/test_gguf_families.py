@@ -18,7 +18,6 @@ import minillama
 from minillama.assets import convert_gguf
 from minillama.cli import main
 from minillama.config import ARCHITECTURES, load_config
-from minillama.errors import ConfigError
 
 gguf = pytest.importorskip("gguf")
 

@@ -181,3 +181,25 @@ def test_save_and_reload_from_a_released_model(make_hf, tmp_path):
     ids = torch.tensor([PROMPTS[1]])
     with torch.no_grad():
         torch.testing.assert_close(again(ids), plain(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not can_prepack(torch.bfloat16), reason="no packed bf16 on this CPU")
+def test_a_tied_bf16_head_is_packed_and_its_embedding_read_from_the_file(make_hf, tmp_path):
+    _, path = make_hf("llama", num_key_value_heads=2, tie_word_embeddings=True)
+    saved = minillama.save_pretrained(minillama.from_pretrained(path, dtype="bfloat16", prepack=False), tmp_path / "bf16")
+    model, plain = _pair(saved)
+    assert model.lm_head._packed is not None and not model.lm_head.released  # the embedding holds it
+    assert not model.embed.weight.untyped_storage().resizable()  # a map of the file, not a copy
+    held = resident_bytes(model)
+    assert held["mapped"] == 128 * 64 * 2 and held["total"] == minillama.quant.weight_bytes(model)
+    want = generate(plain, PROMPTS, 12, eos_token_id=[])
+    assert torch.equal(generate(model, PROMPTS, 12, eos_token_id=[]), want)
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in plain.state_dict().items())
+    # an edit of the mapped embedding (copy on write: the file is untouched) is used, by the head too
+    with torch.no_grad():
+        for m in (model, plain):
+            m.embed.weight[5].mul_(3)
+    assert torch.equal(generate(model, PROMPTS, 12, eos_token_id=[]), generate(plain, PROMPTS, 12, eos_token_id=[]))
+    again = minillama.from_pretrained(saved, prepack=False)
+    assert torch.equal(generate(again, PROMPTS, 12, eos_token_id=[]), want)
