@@ -2,7 +2,8 @@
 """Memory a load takes: peak resident memory added by `from_pretrained` and one forward, per
 weight byte, for minillama and transformers, each in a fresh process, same checkpoint.
 
-The ratio says how many copies of the weights a load holds at its peak (1.0: each weight once).
+The ratio says how many copies of the weights a load holds at its peak (1.0: each weight once);
+"kept after" is what stays resident once the load and the forward are over.
 Each implementation runs in its own subprocess so that the peak is its own; the figure is the
 peak RSS while loading and running one 16-token forward minus the RSS before, over the bytes of
 the weights in the load dtype; each worker first loads and runs a tiny model, so the figure leaves
@@ -52,9 +53,10 @@ def worker(impl: str, model_dir: str, dtype: str, warm: str) -> dict[str, Any]:
         model = _load(impl, model_dir, dtype)
         with torch.no_grad():
             model(ids)
+    after = PeakRSS.current() - rss.start  # what the loaded model keeps, once the load is over
     weights = weight_bytes(model)  # from shapes: reads (and so restores) no weight
     return {"impl": impl, "dtype": dtype, "weight_bytes": weights, "peak_added_bytes": rss.peak - rss.start,
-            "ratio": (rss.peak - rss.start) / weights}
+            "ratio": (rss.peak - rss.start) / weights, "after_bytes": after, "after_ratio": after / weights}
 
 
 def measure(model_dir: Path, dtype: str, impls: list[str], warm: Path) -> list[dict[str, Any]]:
@@ -96,7 +98,8 @@ def main() -> None:
             first.setdefault(hf["model_type"], shape)
         shapes = list(first.values())
     rows: list[dict[str, Any]] = []
-    print("| model | dtype | impl | weights MB | peak added MB | x weights |\n|---|---|---|---|---|---|")
+    print("| model | dtype | impl | weights MB | peak added MB | x weights | kept after MB | x weights |\n"
+          "|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         warm = make_model("smollm2-135m", Path(tmp) / "warm", tiny=True, layers=1, tokenizer=load_tokenizer("byte"))
         targets = [(shape, None) for shape in shapes] or [(None, args.model)]
@@ -114,7 +117,8 @@ def main() -> None:
                     row["model"] = shape or str(model_dir)
                     rows.append(row)
                     print(f"| {row['model']} | {dtype} | {row['impl']} | {row['weight_bytes'] / 1e6:.0f} "
-                          f"| {row['peak_added_bytes'] / 1e6:.0f} | {row['ratio']:.2f} |", flush=True)
+                          f"| {row['peak_added_bytes'] / 1e6:.0f} | {row['ratio']:.2f} | {row['after_bytes'] / 1e6:.0f} "
+                          f"| {row['after_ratio']:.2f} |", flush=True)
                     if args.json:
                         write_json(Path(args.json), {"rows": rows, "layers": args.layers})
 
