@@ -280,6 +280,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_eval() -> Any:
+    """minillama.evaluate (which registers the "minillama" model with lm-eval), or one line naming the install."""
+    try:
+        with deferred_sigint():
+            from . import evaluate
+    except ImportError as e:
+        if "lm_eval" not in str(e):
+            raise
+        raise MinillamaError("evaluation needs lm-evaluation-harness: pip install 'minillama[eval]'") from None
+    return evaluate
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Score the model on lm-evaluation-harness tasks in-process (docs/evaluation.md): lm-eval's task
+    registry, metrics, results table and output files."""
+    evaluate = _lm_eval()
+    from lm_eval.utils import make_table
+
+    if args.limit is not None and args.limit <= 0:
+        raise MinillamaError(f"--limit must be > 0, got {args.limit:g}")
+    from .assets import SMOLLM2_NAME
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    manager = evaluate.task_manager(tasks, args.include_path)  # an unknown task fails before the load
+    model, tokenizer = _load(args)
+    lm = evaluate.MinillamaLM(args.model or SMOLLM2_NAME, model=model, tokenizer=tokenizer,
+                              batch_size=args.batch_size, compile=args.compile, max_length=args.max_length)
+    results = evaluate.evaluate(lm, tasks, manager=manager, num_fewshot=args.num_fewshot,
+                                limit=int(args.limit) if args.limit and args.limit >= 1 else args.limit,
+                                include_path=args.include_path, output_path=args.output_path,
+                                log_samples=args.log_samples, apply_chat_template=args.apply_chat_template)
+    print(make_table(results))
+    if "groups" in results:
+        print(make_table(results, "groups"))
+    if args.output_path:
+        print(f"results written under {args.output_path}", file=sys.stderr)
+    return 0
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    """lm-eval's own command line with minillama registered: `minillama lm-eval run --model minillama
+    --model_args pretrained=DIR --tasks ...` (lm-eval's CLI discovers no plugins itself)."""
+    _lm_eval()
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm-eval", *args.lm_eval_args]
+    cli_evaluate()
+    return 0
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune from a YAML recipe (configs/finetune/); run it through `accelerate launch` for several
     processes or GPUs."""
@@ -431,6 +481,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are cancelled")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
+    _add_model_args(p)
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. hellaswag,arc_easy "
+                   "(shipped offline tasks: minillama_mc,minillama_hamlet with --include-path configs/eval)")
+    p.add_argument("--include-path", default=None, metavar="DIR", help="a directory of task YAML files of your own")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--limit", type=float, default=None,
+                   help="evaluate the first N documents of each task (a number below 1: that fraction)")
+    p.add_argument("--batch-size", type=int, default=64, help="continuations scored per forward pass")
+    p.add_argument("--max-length", type=int, default=None, help="context in tokens (default: the model's)")
+    p.add_argument("--compile", nargs="?", const=True, default=False, choices=("decode", "all"),
+                   help="compile generation tasks' decode step")
+    p.add_argument("--apply-chat-template", action="store_true", help="render prompts with the chat template")
+    p.add_argument("--output-path", default=None, metavar="DIR", help="write lm-eval's results (and samples) here")
+    p.add_argument("--log-samples", action="store_true", help="with --output-path: also each sample's requests")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("lm-eval", help=cmd_lm_eval.__doc__, description=cmd_lm_eval.__doc__, add_help=False)
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_lm_eval)
     p = sub.add_parser("finetune", help=cmd_finetune.__doc__, description=cmd_finetune.__doc__)
     p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/finetune/tiny.yaml")
     p.add_argument("--out", default=None, help="run directory: metrics, checkpoints, final/ (export)")

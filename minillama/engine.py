@@ -8,6 +8,12 @@ so the step passes each row's own position (model.forward's [batch, 1] `input_po
 attention masks every row to its own length. Newcomers are admitted at every step, so a long
 answer never holds up a short one, and a finished or cancelled request frees its row at once.
 
+Log-probabilities (the OpenAI API's `logprobs`) are the model's own: a log-softmax in fp32 of the
+raw logits, before temperature, penalties or truncation change them (vLLM's default). A request
+that asks for them gets, per sampled token, its logprob and the `logprobs` most likely tokens; one
+with `echo` also gets them for every prompt token, computed chunk by chunk during its prefill
+(`LOGPROB_CHUNK` positions projected to the vocabulary at a time, never [prompt, vocab] whole).
+
 Sampling and stopping are generate.py's (SamplingConfig, process_logits, sample, TextStream), per
 request, so a request decodes the tokens it would decode alone. The engine runs on one thread
 (`start`); `submit` and `cancel` may be called from any other.
@@ -32,6 +38,31 @@ from .model import Transformer, check_token_ids
 
 log = logging.getLogger("minillama.engine")
 
+LOGPROB_CHUNK = 128  # prompt positions whose log-softmax is taken at once (fp32 [128, vocab])
+MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (OpenAI's and vLLM's bound)
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability and the most likely alternatives at its position (None for the
+    first prompt token, which nothing predicts)."""
+
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]] | None
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """TokenLogprob of targets [n] under logits [n, vocab] (raw, any dtype): fp32 log-softmax, top k."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(-1, targets[:, None])[:, 0].tolist()
+    if k:
+        values, ids = lp.topk(k, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in chosen]
+    return [TokenLogprob(t, c, top) for t, c, top in zip(targets.tolist(), chosen, tops)]
+
 
 class QueueFull(GenerationError):
     """Every row is busy and the waiting queue is at its bound."""
@@ -44,6 +75,7 @@ class Event:
     text: str = ""
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens sampled since the last event
 
 
 @dataclass(eq=False)
@@ -59,6 +91,8 @@ class Request:
     sampling: SamplingConfig
     stop: Sequence[str] = ()
     ignore_eos: bool = False  # run to max_tokens (benchmarks)
+    logprobs: int | None = None  # None: no logprobs; K: each token's logprob and the K likeliest (0..20)
+    echo: bool = False  # also every prompt token's logprob (needs logprobs); max_tokens may then be 0
     on_event: Callable[[Event], None] = lambda event: None
     id: int = field(default_factory=itertools.count().__next__)
     tokens: list[int] = field(default_factory=list)  # generated ids, the end-of-sequence id excluded
@@ -73,6 +107,9 @@ class Request:
     _seen: torch.Tensor | None = None
     _last: int = 0  # the token the next decode step feeds
     _filled: int = 0  # prompt tokens already in the cache (a long prompt is prefilled in chunks)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # with echo: complete before any event
+    sampled_logprobs: list[TokenLogprob] = field(default_factory=list)  # with logprobs: each sampled token's
+    _pending: list[TokenLogprob] = field(default_factory=list)  # sampled tokens' logprobs not yet emitted
 
 
 def check_settings(max_batch: int, max_queue: int, max_seq_len: int | None, prefill_chunk: int) -> None:
@@ -105,13 +142,15 @@ class Engine:
         self._stopping = False
 
     # ---- called from any thread -------------------------------------------------------------
-    def check(self, prompt: Sequence[int], max_tokens: int | None) -> int:
+    def check(self, prompt: Sequence[int], max_tokens: int | None, echo: bool = False) -> int:
         """GenerationError unless the prompt and max_tokens fit a cache row; the max_tokens to use
-        (None: as many as the row leaves)."""
+        (None: as many as the row leaves). With echo (score the prompt), max_tokens may be 0."""
         if not prompt:
             raise GenerationError("empty prompt: it needs at least one token")
         check_token_ids(torch.tensor(list(prompt)), self.model.config.vocab_size, "prompt")
         room = self.cache_len - len(prompt)
+        if echo and max_tokens == 0 and room >= 0:
+            return 0
         if room < 1:
             raise GenerationError(f"the prompt has {len(prompt)} tokens; this server's context is {self.cache_len} "
                                   "tokens, leaving no room to generate")
@@ -124,7 +163,13 @@ class Engine:
 
     def submit(self, request: Request) -> None:
         """Queue a request (checked with `check` first); QueueFull when the queue is at its bound."""
-        request.max_tokens = self.check(request.prompt, request.max_tokens)
+        if request.logprobs is not None:
+            check_count(request.logprobs, "logprobs", least=0)
+            if request.logprobs > MAX_LOGPROBS:
+                raise GenerationError(f"logprobs must be at most {MAX_LOGPROBS}, got {request.logprobs}")
+        elif request.echo:
+            raise GenerationError("echo needs logprobs (the prompt's log-probabilities are what it returns)")
+        request.max_tokens = self.check(request.prompt, request.max_tokens, request.echo)
         check_stop_strings(request.stop)  # now, not on the engine thread
         with self._wake:
             if self._stopping:
@@ -244,15 +289,32 @@ class Engine:
         start = request._filled
         end = min(start + self.prefill_chunk, len(request.prompt))
         try:
-            logits = self.model(torch.tensor([request.prompt[start:end]], device=self.device),
-                                torch.arange(start, end, device=self.device), last_only=True, validate=False,
-                                cache_rows=torch.tensor([row], device=self.device))[:, -1].float()
+            h = self.model(torch.tensor([request.prompt[start:end]], device=self.device),
+                           torch.arange(start, end, device=self.device), last_only=not request.echo, validate=False,
+                           cache_rows=torch.tensor([row], device=self.device), hidden=True)[0]
+            if request.echo:
+                self._score_prompt(request, start, h)
+            logits = self.model.logits(h[-1:]).float()
         except Exception as e:  # noqa: BLE001 - one bad request must not disturb the others
             self._fail(row, request, e, "prefill")
             return
         request._filled = end
         if end == len(request.prompt):
-            self._accept(row, request, logits)
+            if request.max_tokens == 0:  # echo alone: the prompt scored, nothing generated
+                self._finish(row, request, Event(finish_reason="length"))
+            else:
+                self._accept(row, request, logits)
+
+    def _score_prompt(self, request: Request, start: int, h: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens that chunk [start, start + len(h)) predicts (hidden states h)."""
+        prompt = request.prompt
+        if start == 0:
+            request.prompt_logprobs.append(TokenLogprob(prompt[0], None, None))
+        stop = min(len(h), len(prompt) - 1 - start)  # the last prompt position predicts a new token
+        for a in range(0, stop, LOGPROB_CHUNK):
+            b = min(a + LOGPROB_CHUNK, stop)
+            targets = torch.tensor(prompt[start + a + 1:start + b + 1], device=h.device)
+            request.prompt_logprobs += token_logprobs(self.model.logits(h[a:b]), targets, request.logprobs)
 
     def _accept(self, row: int, request: Request, logits: torch.Tensor) -> None:
         """Sample the request's next token from its logits [1, V]; emit its text; end it when it is done."""
@@ -264,6 +326,10 @@ class Engine:
             return
         if request.first_token is None:
             request.first_token = time.perf_counter()
+        if request.logprobs is not None:  # the end-of-sequence token's too, as vLLM returns it
+            entry = token_logprobs(logits, torch.tensor([token], device=logits.device), request.logprobs)[0]
+            request.sampled_logprobs.append(entry)
+            request._pending.append(entry)
         if token in self.eos and not request.ignore_eos:
             self._finish(row, request, Event(request._text.flush(), "stop"))
             return
@@ -290,6 +356,7 @@ class Engine:
         self._emit(request, event)
 
     def _emit(self, request: Request, event: Event) -> None:
+        event.logprobs, request._pending = request._pending, []
         try:
             request.on_event(event)
         except Exception:  # noqa: BLE001 - a consumer that cannot take events is gone

@@ -381,6 +381,7 @@ class Transformer(nn.Module):
         validate: bool = True,
         cache_rows: torch.Tensor | None = None,
         kv_len: int | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] for `input_ids` [batch, seq].
 
@@ -398,6 +399,9 @@ class Transformer(nn.Module):
         kv_len: attend over the first kv_len cache slots, when the caller knows the last slot
             written (a decode loop does): default, that slot read back from input_pos, or on a GPU
             and under torch.compile every slot (reading it back would wait for the device).
+        hidden: return the final norm's output [batch, seq, hidden] instead of logits; `logits(h)`
+            projects any slice of it, so a caller scoring many positions (lm-eval, prompt logprobs)
+            never holds [seq, vocab] whole.
         """
         if input_ids.dim() != 2:
             raise GenerationError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
@@ -455,12 +459,18 @@ class Transformer(nn.Module):
         if last_only:
             x, residual = x[:, -1:], (residual[:, -1:] if residual is not None else None)
         x = self.norm.add_norm(x, residual)[0]
+        if hidden:
+            return x
         shaped = self.config.logits_divisor != 1.0 or self.config.final_softcap is not None
         if labels is not None:
             if type(self.lm_head) is not Linear or shaped:  # e.g. wrapped by a LoRA adapter: the plain path
                 return reference_cross_entropy(self._shape_logits(self.lm_head(x)), labels)
             return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, labels.flatten())
         return self._shape_logits(self.lm_head(x))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states (`forward(..., hidden=True)`): [..., hidden] -> [..., vocab]."""
+        return self._shape_logits(self.lm_head(h))
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings, times the family's scale: Gemma's sqrt(hidden) rounded to the model

@@ -1,7 +1,11 @@
 """`minillama serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over the continuous-batching engine.
 
 Endpoints: POST /v1/chat/completions and /v1/completions (`stream: true` answers with server-sent
-events), GET /v1/models and /health. Requests go to one Engine (minillama/engine.py) on its own
+events), GET /v1/models and /health, and vLLM's POST /tokenize, /detokenize and GET /tokenizer_info
+(lm-eval's `local-completions` tokenizes through them when it finds them). Logprobs: chat's
+`logprobs` + `top_logprobs` and completions' `logprobs: K` (OpenAI's legacy shape), `echo` with the
+prompt's logprobs, `max_tokens: 0` with echo to score a prompt alone; several prompts in one
+completions request answer as choices in prompt order. Requests go to one Engine (minillama/engine.py) on its own
 thread; each HTTP request waits on an asyncio queue that the engine feeds. Errors use OpenAI's
 shape, {"error": {"message", "type", "param", "code"}}, with the status a client expects.
 """
@@ -23,7 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from .engine import Engine, Event, QueueFull, Request
+from .engine import MAX_LOGPROBS, Engine, Event, QueueFull, Request, TokenLogprob
 from .errors import GenerationError, MinillamaError
 from .generate import SamplingConfig, check_stop_strings
 from .tokenizer import encode_prompt
@@ -80,6 +84,17 @@ class _Body(BaseModel):
     top_logprobs: int | None = None
 
 
+class TokenizeBody(BaseModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeBody(BaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
@@ -103,8 +118,8 @@ class ChatBody(_Body):
 
 
 class CompletionBody(_Body):
-    prompt: str | list[str] | list[int]
-    logprobs: int | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: Any = None  # an integer 0..20; checked by hand, since pydantic would take `true` for 1
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -113,8 +128,7 @@ class CompletionBody(_Body):
 # Fields we accept only when they ask for nothing: name -> the values that ask for nothing.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1,), "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
-    "echo": (False,), "suffix": (None, ""), "best_of": (None, 1),
+    "tools": (None, []), "tool_choice": (None, "none"), "suffix": (None, ""), "best_of": (None, 1),
     "response_format": (None, {"type": "text"}),
 }
 HINTS = {"presence_penalty": " (use repetition_penalty)", "frequency_penalty": " (use repetition_penalty)",
@@ -197,6 +211,26 @@ class Server:
         async def completions(body: CompletionBody, http: HTTPRequest) -> Any:
             return await self._complete(body, "text", http)
 
+        # vLLM's tokenizer endpoints (lm-eval's remote tokenizer uses them)
+        @app.post("/tokenize")
+        async def tokenize(body: TokenizeBody) -> dict[str, Any]:
+            ids = list(self.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids)
+            return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.cache_len}
+
+        @app.post("/detokenize")
+        async def detokenize(body: DetokenizeBody) -> dict[str, Any]:
+            vocab = self.engine.model.config.vocab_size
+            bad = [t for t in body.tokens if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"tokens: {bad[0]} is not a token id (0..{vocab - 1})", param="tokens")
+            return {"prompt": self.tokenizer.decode(body.tokens)}
+
+        @app.get("/tokenizer_info")
+        async def tokenizer_info() -> dict[str, Any]:
+            tok = self.tokenizer
+            return {"eos_token": tok.eos_token, "bos_token": tok.bos_token, "pad_token": tok.pad_token,
+                    "chat_template": getattr(tok, "chat_template", None), "model_max_length": self.engine.cache_len}
+
         return app
 
     # ---- requests -> engine ------------------------------------------------------------------
@@ -219,15 +253,13 @@ class Server:
         except Exception as e:  # noqa: BLE001 - a template that rejects the conversation (e.g. role order)
             raise APIError(400, f"messages: the chat template cannot render them ({e})", param="messages") from None
 
-    def _text_prompt(self, body: CompletionBody) -> list[int]:
+    def _text_prompts(self, body: CompletionBody) -> list[list[int]]:
+        """The prompts of a completions request: a string, token ids, or a list of either (one choice each)."""
         prompt = body.prompt
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            if len(prompt) != 1:
-                raise APIError(400, f"one prompt per request, got {len(prompt)}", param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return list(self.tokenizer(prompt).input_ids)
-        return list(prompt)  # token ids
+        many = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+        if not many:
+            raise APIError(400, "prompt: empty list", param="prompt")
+        return [list(self.tokenizer(p).input_ids) if isinstance(p, str) else list(p) for p in many]
 
     def _sampling(self, body: _Body) -> SamplingConfig:
         values = {k: getattr(body, k) if getattr(body, k) is not None else self.defaults.get(k) for k in SAMPLING_KEYS}
@@ -238,100 +270,183 @@ class Server:
         except GenerationError as e:
             raise APIError(400, str(e), param=str(e).split()[0]) from None
 
+    def _logprobs_asked(self, body: _Body, kind: str) -> tuple[int | None, bool]:
+        """(alternatives per token or None for no logprobs, echo), or a 400 naming the bad field."""
+        if kind == "chat":
+            top = body.top_logprobs
+            if top is not None and (isinstance(top, bool) or not 0 <= top <= MAX_LOGPROBS):
+                raise APIError(400, f"top_logprobs must be an integer 0..{MAX_LOGPROBS}, got {top!r}",
+                               param="top_logprobs")
+            if top and not body.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            return (top or 0) if body.logprobs else None, False
+        if body.top_logprobs is not None:
+            raise APIError(400, "top_logprobs is a chat completions field; completions take logprobs: N",
+                           param="top_logprobs")
+        k = body.logprobs
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+            raise APIError(400, f"logprobs must be an integer 0..{MAX_LOGPROBS} (alternatives per token), got {k!r}",
+                           param="logprobs")
+        if body.echo and k is None:
+            raise APIError(400, "echo needs logprobs: N (the prompt's logprobs are what echo returns here)",
+                           param="echo")
+        return k, bool(body.echo)
+
     async def _complete(self, body: _Body, kind: str, http: HTTPRequest) -> Any:
-        """Check the request, queue it, and answer: one JSON response, or events as they come."""
+        """Check the request, queue one engine request per prompt, and answer: one JSON response, or
+        events as they come (each choice's, tagged with its index)."""
         _check_fields(body)
         if body.model is not None and body.model not in self.names:
             raise APIError(404, f"The model `{body.model}` does not exist (this server has `{self.model_name}`)",
                            param="model", code="model_not_found")
+        logprobs, echo = self._logprobs_asked(body, kind)
         max_tokens = getattr(body, "max_completion_tokens", None)
         max_tokens = body.max_tokens if max_tokens is None else max_tokens
-        if max_tokens is not None and max_tokens < 1:
-            raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+        if max_tokens is not None and max_tokens < (0 if echo else 1):
+            raise APIError(400, f"max_tokens must be >= {0 if echo else 1}{'' if echo else ' (0 only with echo)'}, "
+                           f"got {max_tokens}", param="max_tokens")
         sampling = self._sampling(body)
         try:
             stop = check_stop_strings(body.stop or [])
         except GenerationError as e:
             raise APIError(400, str(e), param="stop") from None
-        prompt = self._chat_prompt(body) if kind == "chat" else self._text_prompt(body)
+        prompts = [self._chat_prompt(body)] if kind == "chat" else self._text_prompts(body)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        request = Request(prompt, max_tokens, sampling, stop, body.ignore_eos,
-                          on_event=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+        requests = []
         try:
-            self.engine.submit(request)
-        except QueueFull as e:
-            raise APIError(503, str(e), code="queue_full", kind="server_error") from None
-        except GenerationError as e:
-            context = "context" in str(e)
-            raise APIError(400, str(e), param="messages" if kind == "chat" else "prompt",
-                           code="context_length_exceeded" if context else None) from None
+            for i, prompt in enumerate(prompts):
+                request = Request(prompt, max_tokens, sampling, stop, body.ignore_eos, logprobs=logprobs, echo=echo,
+                                  on_event=lambda event, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, event)))
+                self.engine.submit(request)
+                requests.append(request)
+        except (QueueFull, GenerationError) as e:
+            for request in requests:
+                self.engine.cancel(request)
+            if isinstance(e, QueueFull):
+                raise APIError(503, str(e), code="queue_full", kind="server_error") from None
+            where = "messages" if kind == "chat" else "prompt" + (f"[{len(requests)}]" if len(prompts) > 1 else "")
+            raise APIError(400, str(e), param=where.split("[")[0],
+                           code="context_length_exceeded" if "context" in str(e) else None) from None
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(request, queue, kind, rid, include_usage),
+            return StreamingResponse(self._stream(requests, queue, kind, rid, include_usage, echo),
                                      media_type="text/event-stream")
         try:
-            text = await self._collect(request, queue, http)
+            texts = await self._collect(requests, queue, http)
         finally:
-            self.engine.cancel(request)  # a no-op once it finished; frees the row if the client left
-            self._log(request, rid)
-        return self._response(request, kind, rid, text)
+            for request in requests:
+                self.engine.cancel(request)  # a no-op once it finished; frees the row if the client left
+                self._log(request, rid)
+        return self._response(requests, kind, rid, texts, echo)
 
-    async def _collect(self, request: Request, queue: asyncio.Queue, http: HTTPRequest) -> str:
-        pieces = []
-        while True:
+    async def _collect(self, requests: list[Request], queue: asyncio.Queue, http: HTTPRequest) -> list[str]:
+        pieces: list[list[str]] = [[] for _ in requests]
+        running = len(requests)
+        while running:
             try:
-                event: Event = await asyncio.wait_for(queue.get(), timeout=0.5)
+                i, event = await asyncio.wait_for(queue.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 if await http.is_disconnected():
                     raise APIError(499, "client disconnected") from None
                 continue
-            pieces.append(event.text)
+            pieces[i].append(event.text)
             if event.finish_reason is not None:
                 failure = _failure(event)
                 if failure is not None:
                     raise failure
-                return "".join(pieces)
+                running -= 1
+        return ["".join(p) for p in pieces]
 
-    async def _stream(self, request: Request, queue: asyncio.Queue, kind: str, rid: str,
-                      include_usage: bool) -> AsyncIterator[str]:
-        # Starlette cancels this generator when the client disconnects; `finally` frees the row.
+    async def _stream(self, requests: list[Request], queue: asyncio.Queue, kind: str, rid: str,
+                      include_usage: bool, echo: bool) -> AsyncIterator[str]:
+        # Starlette cancels this generator when the client disconnects; `finally` frees the rows.
         try:
             if kind == "chat":
-                yield _sse(self._chunk(kind, rid, {"role": "assistant", "content": ""}))
-            while True:
-                event: Event = await queue.get()
+                yield _sse(self._chunk(kind, rid, 0, {"role": "assistant", "content": ""}))
+            running, offsets = len(requests), [0] * len(requests)
+            while running:
+                i, event = await queue.get()
                 failure = _failure(event)
                 if failure is not None:  # the status line went out already: the error is an event
                     yield _sse(failure.payload())
                     break
-                if event.text:
-                    yield _sse(self._chunk(kind, rid, {"content": event.text} if kind == "chat" else event.text))
+                request, logprobs = requests[i], None
+                if echo and offsets[i] == 0:  # the prompt first, with its logprobs, as vLLM streams it
+                    text = self.tokenizer.decode(request.prompt)
+                    entries = self._legacy_logprobs(request.prompt_logprobs, 0)
+                    offsets[i] = len(text)
+                    yield _sse(self._chunk(kind, rid, i, text, logprobs=entries))
+                if request.logprobs is not None and event.logprobs:
+                    logprobs = (self._chat_logprobs(event.logprobs) if kind == "chat"
+                                else self._legacy_logprobs(event.logprobs, offsets[i]))
+                    offsets[i] += sum(len(t) for t in self._token_texts(event.logprobs))
+                if event.text or logprobs:
+                    yield _sse(self._chunk(kind, rid, i, {"content": event.text} if kind == "chat" else event.text,
+                                           logprobs=logprobs))
                 if event.finish_reason is not None:
-                    yield _sse(self._chunk(kind, rid, "" if kind == "text" else {}, event.finish_reason))
-                    if include_usage:
-                        yield _sse({**self._chunk(kind, rid, None), "choices": [], "usage": _usage(request)})
-                    break
+                    yield _sse(self._chunk(kind, rid, i, "" if kind == "text" else {}, event.finish_reason))
+                    running -= 1
+            else:
+                if include_usage:
+                    yield _sse({**self._chunk(kind, rid, 0, None), "choices": [], "usage": _usage(requests)})
             yield "data: [DONE]\n\n"
         finally:
-            self.engine.cancel(request)
-            self._log(request, rid)
+            for request in requests:
+                self.engine.cancel(request)
+                self._log(request, rid)
 
     # ---- responses -----------------------------------------------------------------------------
-    def _chunk(self, kind: str, rid: str, delta: Any, finish: str | None = None) -> dict[str, Any]:
-        choice = ({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish} if kind == "chat"
-                  else {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish})
+    def _token_texts(self, entries: list[TokenLogprob]) -> list[str]:
+        return [self.tokenizer.decode([e.token]) for e in entries]
+
+    def _chat_logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        """Chat's shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+        def one(token: int, logprob: float) -> dict[str, Any]:
+            text = self.tokenizer.decode([token])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top or []]}
+                            for e in entries], "refusal": None}
+
+    def _legacy_logprobs(self, entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+        """Completions' shape: tokens, token_logprobs, top_logprobs ({token text: logprob}) and
+        text_offset (where each token starts in the choice's text)."""
+        texts = self._token_texts(entries)
+        offsets = []
+        for text in texts:
+            offsets.append(offset)
+            offset += len(text)
+        tops = [None if e.top is None else {self.tokenizer.decode([t]): lp for t, lp in e.top} for e in entries]
+        return {"tokens": texts, "token_logprobs": [e.logprob for e in entries], "top_logprobs": tops,
+                "text_offset": offsets}
+
+    def _chunk(self, kind: str, rid: str, index: int, delta: Any, finish: str | None = None,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        choice = ({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish} if kind == "chat"
+                  else {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish})
         return {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
                 "created": int(time.time()), "model": self.model_name, "choices": [choice]}
 
-    def _response(self, request: Request, kind: str, rid: str, text: str) -> dict[str, Any]:
-        if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": request.finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": request.finish_reason}
+    def _response(self, requests: list[Request], kind: str, rid: str, texts: list[str], echo: bool) -> dict[str, Any]:
+        choices = []
+        for i, (request, text) in enumerate(zip(requests, texts)):
+            emitted = request.sampled_logprobs
+            if kind == "chat":
+                logprobs = self._chat_logprobs(emitted) if request.logprobs is not None else None
+                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                                "finish_reason": request.finish_reason})
+                continue
+            logprobs = None
+            if echo:
+                prompt_text = self.tokenizer.decode(request.prompt)
+                logprobs = self._legacy_logprobs(request.prompt_logprobs + emitted, 0)
+                text = prompt_text + text
+            elif request.logprobs is not None:
+                logprobs = self._legacy_logprobs(emitted, 0)
+            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": request.finish_reason})
         return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": self.model_name, "choices": [choice], "usage": _usage(request)}
+                "created": int(time.time()), "model": self.model_name, "choices": choices, "usage": _usage(requests)}
 
     def _log(self, request: Request, rid: str) -> None:
         end = request.finished or time.perf_counter()
@@ -349,9 +464,10 @@ def _failure(event: Event) -> APIError | None:
     return None
 
 
-def _usage(request: Request) -> dict[str, int]:
-    return {"prompt_tokens": len(request.prompt), "completion_tokens": len(request.tokens),
-            "total_tokens": len(request.prompt) + len(request.tokens)}
+def _usage(requests: list[Request]) -> dict[str, int]:
+    prompt = sum(len(r.prompt) for r in requests)
+    completion = sum(len(r.tokens) for r in requests)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _sse(payload: dict[str, Any]) -> str:

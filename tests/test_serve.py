@@ -189,7 +189,7 @@ def _error(status: int, response: httpx.Response) -> dict[str, Any]:
     ({"max_tokens": "many"}, 400, "max_tokens"),
     ({"stop": [""]}, 400, "stop"),
     ({"frequency_penalty": 0.5}, 400, "frequency_penalty"),
-    ({"logprobs": True}, 400, "logprobs"),
+    ({"logprobs": True, "top_logprobs": 50}, 400, "top_logprobs"),
     ({"unknown_field": 1}, 400, "unknown_field"),
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role"),
@@ -211,7 +211,8 @@ def test_malformed_bodies_unknown_routes_and_the_client_errors(server: Running) 
     _error(400, r)
     _error(400, httpx.post(f"{server.url}/v1/completions", json={"model": NAME}, timeout=30))  # no prompt
     _error(400, httpx.post(f"{server.url}/v1/completions", json={"prompt": [5, 10**6]}, timeout=30))
-    _error(400, httpx.post(f"{server.url}/v1/completions", json={"prompt": ["a", "b"]}, timeout=30))
+    _error(400, httpx.post(f"{server.url}/v1/completions", json={"prompt": []}, timeout=30))
+    _error(400, httpx.post(f"{server.url}/v1/completions", json={"prompt": [[5], [10**6]]}, timeout=30))
     _error(404, httpx.get(f"{server.url}/v1/nothing", timeout=30))
     with pytest.raises(openai.NotFoundError):
         server.client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
