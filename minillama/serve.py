@@ -364,7 +364,7 @@ class Server:
         try:
             if kind == "chat":
                 yield _sse(self._chunk(kind, rid, 0, {"role": "assistant", "content": ""}))
-            running, offsets = len(requests), [0] * len(requests)
+            running, offsets, prompt_sent = len(requests), [0] * len(requests), [False] * len(requests)
             while running:
                 i, event = await queue.get()
                 failure = _failure(event)
@@ -372,7 +372,8 @@ class Server:
                     yield _sse(failure.payload())
                     break
                 request, logprobs = requests[i], None
-                if echo and offsets[i] == 0:  # the prompt first, with its logprobs, as vLLM streams it
+                if echo and not prompt_sent[i]:  # the prompt first, with its logprobs, as vLLM streams it
+                    prompt_sent[i] = True
                     text = self.tokenizer.decode(request.prompt)
                     entries = self._legacy_logprobs(request.prompt_logprobs, 0)
                     offsets[i] = len(text)
