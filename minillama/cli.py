@@ -271,7 +271,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     name = args.served_model_name or (args.model.rstrip("/") if args.model else SMOLLM2_NAME)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                    max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk)
+                    max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk, prefix_reuse=args.prefix_reuse)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"minillama: serving {name} on http://{host}:{sock.getsockname()[1]}/v1 ({args.max_batch} slots of "
           f"{engine.cache_len} tokens; loaded in {args.load_s:.1f} s)", file=sys.stderr, flush=True)
@@ -476,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per request, prompt included (default: the model's context)")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per step: a long prompt takes several steps while the others decode")
+    p.add_argument("--prefix-reuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="a request whose prompt starts as a finished one's did reuses that row's cached keys and "
+                        "values and prefills only the rest (default: on)")
     p.add_argument("--served-model-name", default=None, help="the model id clients name (default: --model)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are cancelled")

@@ -14,6 +14,15 @@ that asks for them gets, per sampled token, its logprob and the `logprobs` most 
 with `echo` also gets them for every prompt token, computed chunk by chunk during its prefill
 (`LOGPROB_CHUNK` positions projected to the vocabulary at a time, never [prompt, vocab] whole).
 
+Prefix reuse: a finished request's row keeps the keys and values it wrote (`resting`: the tokens
+they belong to) until a newcomer needs the row. A newcomer takes the free row whose resting tokens
+share the longest prefix with its prompt (at least `MIN_PREFIX` tokens) and prefills only the rest,
+so a chat client that resends the conversation every turn, or requests behind one system prompt,
+prefill their new tokens only; without such a row it takes the free row holding the least. The
+unit is the row (llama.cpp's slot cache): a paged cache would hash blocks of tokens instead (vLLM)
+or keep a radix tree of them (SGLang), sharing one prefix between rows without copies; the choice
+of row (`_pick_row`) is where such a cache would plug in.
+
 Sampling and stopping are generate.py's (SamplingConfig, process_logits, sample, TextStream), per
 request, so a request decodes the tokens it would decode alone. The engine runs on one thread
 (`start`); `submit` and `cancel` may be called from any other.
@@ -38,6 +47,7 @@ from .model import Transformer, check_token_ids
 
 log = logging.getLogger("minillama.engine")
 
+MIN_PREFIX = 4  # shared tokens below which a resting row is not worth reusing
 LOGPROB_CHUNK = 128  # prompt positions whose log-softmax is taken at once (fp32 [128, vocab])
 MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (OpenAI's and vLLM's bound)
 
@@ -110,6 +120,8 @@ class Request:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # with echo: complete before any event
     sampled_logprobs: list[TokenLogprob] = field(default_factory=list)  # with logprobs: each sampled token's
     _pending: list[TokenLogprob] = field(default_factory=list)  # sampled tokens' logprobs not yet emitted
+    reused: int = 0  # prompt tokens whose keys and values a resting row already held (prefix reuse)
+    _written: int = 0  # cache slots of its row that hold this request's tokens (prompt, then fed tokens)
 
 
 def check_settings(max_batch: int, max_queue: int, max_seq_len: int | None, prefill_chunk: int) -> None:
@@ -125,7 +137,7 @@ class Engine:
     """The scheduler: a bounded queue of requests, `max_batch` cache rows, one decode step for all."""
 
     def __init__(self, model: Transformer, tokenizer: Any, *, max_batch: int = 8, max_queue: int = 64,
-                 max_seq_len: int | None = None, prefill_chunk: int = 512) -> None:
+                 max_seq_len: int | None = None, prefill_chunk: int = 512, prefix_reuse: bool = True) -> None:
         check_settings(max_batch, max_queue, max_seq_len, prefill_chunk)
         self.prefill_chunk = prefill_chunk
         context = model.config.max_position_embeddings
@@ -136,6 +148,9 @@ class Engine:
         self.device = model.input_device
         model.setup_cache(max_batch, self.cache_len)
         self.rows: list[Request | None] = [None] * max_batch
+        self.prefix_reuse = prefix_reuse
+        self.resting: list[list[int]] = [[] for _ in range(max_batch)]  # tokens whose KV a free row holds
+        self.prefix_hits = self.reused_tokens = 0
         self.queue: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -237,11 +252,15 @@ class Engine:
         decoding = [i for i, r in rows if r._filled == len(r.prompt)]
         if not decoding:
             return
-        # The step covers rows 0..last running one (rows are filled lowest first). The others decode
-        # a dummy token at a slot their next write overwrites before anything reads it: slot 0 of an
-        # idle row (its next prefill starts there), the next prompt slot of a row being prefilled.
+        # The step covers rows 0..last running one. The others decode a dummy token at a slot that
+        # holds nothing anyone will read: just past an idle row's resting tokens (its kept prefix
+        # stays intact), the next prompt slot of a row being prefilled (overwritten by its next chunk).
         width = rows[-1][0] + 1
         tokens, positions = [0] * width, [0] * width
+        for i in range(width):
+            if len(self.resting[i]) >= self.cache_len:  # a full row gives up its last slot
+                self.resting[i] = self.resting[i][:self.cache_len - 1]
+            positions[i] = len(self.resting[i])
         for i, request in rows:
             if i in decoding:
                 tokens[i], positions[i] = request._last, len(request.prompt) + len(request.tokens) - 1
@@ -258,6 +277,7 @@ class Engine:
                 self._fail(i, self.rows[i], e, "decode step")
             return
         for i in decoding:
+            self.rows[i]._written = positions[i] + 1
             self._accept(i, self.rows[i], logits[i:i + 1])
 
     def _fail(self, row: int | None, request: Request, e: Exception, what: str) -> None:
@@ -280,7 +300,27 @@ class Engine:
             if sampling.repetition_penalty != 1.0:
                 ids = torch.tensor([request.prompt], device=self.device)
                 request._seen = seen_tokens(ids, torch.ones_like(ids), self.model.config.vocab_size)
-            self.rows[self.rows.index(None)] = request
+            # echo scores every prompt token, so it prefills them all
+            row, shared = self._pick_row(request.prompt, reuse=self.prefix_reuse and not request.echo)
+            if shared:
+                # At least the last prompt token is prefilled again: its logits give the first new token.
+                request.reused = request._filled = request._written = min(shared, len(request.prompt) - 1)
+                self.prefix_hits += 1
+                self.reused_tokens += request.reused
+            self.resting[row] = []
+            self.rows[row] = request
+
+    def _pick_row(self, prompt: list[int], reuse: bool) -> tuple[int, int]:
+        """(free row, prompt tokens its cache already holds): the resting row sharing the longest
+        prefix with the prompt, or (none worth it) the free row holding the fewest tokens."""
+        free = [i for i, r in enumerate(self.rows) if r is None]
+        best, shared = min(free, key=lambda i: (len(self.resting[i]), i)), 0
+        if reuse:
+            for i in free:
+                n = _common_prefix(self.resting[i], prompt)
+                if n >= MIN_PREFIX and n > shared:
+                    best, shared = i, n
+        return best, shared
 
     def _prefill_chunk(self, row: int, request: Request) -> None:
         """Write the next `prefill_chunk` prompt tokens into the request's row (a long prompt takes
@@ -298,7 +338,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - one bad request must not disturb the others
             self._fail(row, request, e, "prefill")
             return
-        request._filled = end
+        request._filled = request._written = end
         if end == len(request.prompt):
             if request.max_tokens == 0:  # echo alone: the prompt scored, nothing generated
                 self._finish(row, request, Event(finish_reason="length"))
@@ -348,6 +388,10 @@ class Engine:
     def _finish(self, row: int | None, request: Request, event: Event | None) -> None:
         if row is not None:
             self.rows[row] = None
+            # What the row holds stays for a newcomer with the same prefix (not after a failure:
+            # a failed step may have written part of a chunk).
+            failed = event is not None and event.finish_reason == "error"
+            self.resting[row] = [] if failed else (request.prompt + request.tokens)[:request._written]
         request.finished = time.perf_counter()
         if event is None:  # cancelled by its consumer, who waits for nothing
             request.finish_reason = "cancelled"
@@ -362,3 +406,13 @@ class Engine:
         except Exception:  # noqa: BLE001 - a consumer that cannot take events is gone
             log.exception("request %d: its consumer failed; cancelling it", request.id)
             request.cancelled = True
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -188,7 +188,8 @@ class Server:
         @app.get("/health")
         async def health() -> dict[str, Any]:
             return {"status": "ok", "model": self.model_name, "running": self.engine.running,
-                    "waiting": self.engine.waiting, "slots": self.engine.max_batch}
+                    "waiting": self.engine.waiting, "slots": self.engine.max_batch,
+                    "prefix_hits": self.engine.prefix_hits, "reused_tokens": self.engine.reused_tokens}
 
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "minillama",
                 "max_model_len": self.engine.cache_len}
@@ -452,8 +453,8 @@ class Server:
     def _log(self, request: Request, rid: str) -> None:
         end = request.finished or time.perf_counter()
         ttft = f"{(request.first_token - request.submitted) * 1e3:.0f} ms" if request.first_token else "-"
-        log.info("%s: %d prompt + %d new tokens, %s, first token %s, %.2f s", rid, len(request.prompt),
-                 len(request.tokens), request.finish_reason or "cancelled", ttft, end - request.submitted)
+        log.info("%s: %d prompt (%d reused) + %d new tokens, %s, first token %s, %.2f s", rid, len(request.prompt),
+                 request.reused, len(request.tokens), request.finish_reason or "cancelled", ttft, end - request.submitted)
 
 
 def _failure(event: Event) -> APIError | None:

@@ -250,3 +250,25 @@ def test_minillama_eval_refuses_an_unknown_task_in_one_line(tiny_chat_dir: Path,
 
     assert main(["eval", "--model", str(tiny_chat_dir), "--tasks", "no_such_task"]) == 2
     assert "unknown lm-eval task(s): no_such_task" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["local-completions", "local-chat-completions"])
+def test_generation_task_through_the_server_equals_in_process(server: Running, backend: str, tiny_chat_dir: Path,
+                                                              monkeypatch) -> None:
+    """The shipped generation task (minillama_qa) through lm-eval's API backends: the same answers as in-process."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.chdir(ROOT)
+    chat = backend == "local-chat-completions"
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    tasks = TaskManager(include_path="configs/eval", include_defaults=False)
+    args = f"base_url={server.url}{path},model={NAME}" + (",tokenizer_backend=None" if chat else "")
+    common = {"tasks": ["minillama_qa"], "limit": 3, "task_manager": tasks, "log_samples": True,
+              "apply_chat_template": chat}
+    remote = lm_eval.simple_evaluate(model=backend, model_args=args, **common)
+    local = lm_eval.simple_evaluate(model=MinillamaLM(str(tiny_chat_dir), dtype="float32"), **common)  # its own model:
+    # the server's engine owns the KV cache of server.model
+    answers = [[s["resps"] for s in r["samples"]["minillama_qa"]] for r in (remote, local)]
+    assert answers[0] == answers[1] and any(a[0][0] for a in answers[0])
