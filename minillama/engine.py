@@ -289,7 +289,10 @@ class Engine:
             with self._wake:
                 if not self.queue:
                     return
-                request = self.queue.popleft()
+                request = self.queue[0]
+                if not request.cancelled and self._prefix_coming(request):
+                    return  # a running row is writing this prompt's prefix: wait and copy it (below)
+                self.queue.popleft()
             if request.cancelled:
                 self._finish(None, request, None)
                 continue
@@ -302,6 +305,11 @@ class Engine:
                 request._seen = seen_tokens(ids, torch.ones_like(ids), self.model.config.vocab_size)
             # echo scores every prompt token, so it prefills them all
             row, shared = self._pick_row(request.prompt, reuse=self.prefix_reuse and not request.echo)
+            source, live = self._live_prefix(request.prompt) if self.prefix_reuse and not request.echo else (None, 0)
+            if live > shared:  # a running request's prompt starts the same: copy its keys and values
+                row = min((i for i, r in enumerate(self.rows) if r is None), key=lambda i: (len(self.resting[i]), i))
+                self._copy_row(source, row, live)
+                shared = live
             if shared:
                 # At least the last prompt token is prefilled again: its logits give the first new token.
                 request.reused = request._filled = request._written = min(shared, len(request.prompt) - 1)
@@ -309,6 +317,36 @@ class Engine:
                 self.reused_tokens += request.reused
             self.resting[row] = []
             self.rows[row] = request
+
+    def _live_prefix(self, prompt: list[int]) -> tuple[int | None, int]:
+        """(running row, prompt tokens it has written that this prompt starts with), the longest one."""
+        best, shared = None, 0
+        for i, r in enumerate(self.rows):
+            if r is not None:
+                n = min(_common_prefix(r.prompt, prompt), r._written)
+                if n >= MIN_PREFIX and n > shared:
+                    best, shared = i, n
+        return best, shared
+
+    def _prefix_coming(self, request: Request) -> bool:
+        """Whether a running row is still prefilling a prefix (>= MIN_PREFIX tokens, more than any
+        row holds now) that this request's prompt starts with: one system prompt, many users."""
+        if not self.prefix_reuse or request.echo:
+            return False
+        have = max([_common_prefix(t, request.prompt) for t in self.resting] + [self._live_prefix(request.prompt)[1]])
+        for r in self.rows:
+            if r is not None and r._filled < len(r.prompt):
+                n = _common_prefix(r.prompt, request.prompt)
+                if n >= MIN_PREFIX and n > max(have, r._written):
+                    return True
+        return False
+
+    def _copy_row(self, src: int, dst: int, n: int) -> None:
+        """Keys and values of the first n slots of row src into row dst, every layer."""
+        for layer in self.model.layers:
+            kv = layer.attn.kv_cache
+            kv.k[dst, :, :n] = kv.k[src, :, :n]
+            kv.v[dst, :, :n] = kv.v[src, :, :n]
 
     def _pick_row(self, prompt: list[int], reuse: bool) -> tuple[int, int]:
         """(free row, prompt tokens its cache already holds): the resting row sharing the longest

@@ -132,3 +132,20 @@ def test_a_resting_row_keeps_its_prefix_while_the_rows_above_decode(tiny_chat_di
         engine.step()
     assert engine.rows[1] is stranger and engine.rows[0] is None
     assert run(engine, [prompts[1]], sampling) == want and engine.prefix_hits == 1
+
+
+@pytest.mark.parametrize("which", ["llama", "windowed"])
+def test_requests_behind_one_system_prompt_prefill_it_once(which: str, tiny_chat_dir: Path,
+                                                          windowed_dir: Path) -> None:
+    """Several requests arriving together with one long shared prefix: the first prefills it, the
+    others wait for it and copy its keys and values; tokens as without reuse."""
+    path = tiny_chat_dir if which == "llama" else windowed_dir
+    model = minillama.from_pretrained(path, dtype="float32")
+    tok = minillama.load_tokenizer(path)
+    system = [(i * 7) % 200 + 3 for i in range(35)]
+    prompts = [system + [40 + u, 41 + u, 42] for u in range(4)]
+    sampling = SamplingConfig(temperature=0.8, seed=5)
+    want = run(Engine(model, tok, max_batch=4, prefill_chunk=10, prefix_reuse=False), prompts, sampling, True)
+    engine = Engine(model, tok, max_batch=4, prefill_chunk=10)
+    assert run(engine, prompts, sampling, together=True) == want
+    assert engine.prefix_hits == 3 and engine.reused_tokens == 3 * len(system)

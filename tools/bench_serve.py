@@ -7,8 +7,15 @@ Reports aggregate tokens/s, its ratio to one client's, time to first token (p50/
 latency, and the decode roofline: a decode step reads every weight once for all rows, so with B
 rows running the memory-bound ceiling is B x bandwidth / weight bytes.
 
+Two scenarios measure prefix reuse, each run against a server with it and one without
+(`--no-prefix-reuse`): `--scenario chat`, one client holding an 8-turn conversation (the whole
+history resent every turn, as chat clients do; time to first token per turn), and `--scenario
+system`, `--clients` clients at once behind one shared ~1,000-token system prompt (aggregate tok/s).
+
     python tools/bench_serve.py                       # embedded SmolLM2, 1/2/4/8 clients
     python tools/bench_serve.py --clients 1,8,16 --max-batch 16 --json serve.json
+    python tools/bench_serve.py --scenario chat --dtype bfloat16 --turns 8
+    python tools/bench_serve.py --scenario system --dtype bfloat16 --clients 8
 """
 
 from __future__ import annotations
@@ -40,13 +47,14 @@ TOPICS = ["the sea", "a mountain", "bread", "trains", "a library", "winter", "be
           "rivers", "chess", "a lighthouse", "coffee", "maps", "clocks", "gardens"]
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace, reuse: bool = True) -> tuple[subprocess.Popen, str]:
     """`minillama serve --port 0` (the server binds a free port and names it); (process, base URL)."""
     cmd = [sys.executable, "-m", "minillama.cli", "serve", "--port", "0", "--max-batch", str(args.max_batch),
            "--max-queue", "1024", "--log-level", "warning"]
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--dtype", args.dtype] if args.dtype else []
     cmd += ["--device", args.device] if args.device else []
+    cmd += [] if reuse else ["--no-prefix-reuse"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     startup = []
     while line := proc.stderr.readline():  # the model loads, then the server names its address
@@ -67,12 +75,14 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     sys.exit(f"server exited:\n{''.join(startup)[-3000:]}")
 
 
-def one_request(http: httpx.Client, url: str, topic: str, new_tokens: int) -> dict[str, float]:
-    """Send one streaming chat request; (seconds to first content, seconds in all, tokens)."""
-    body = {"messages": [{"role": "user", "content": f"Write a short poem about {topic}."}], "max_tokens": new_tokens,
+def one_request(http: httpx.Client, url: str, topic: str, new_tokens: int,
+                messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """Send one streaming chat request; (seconds to first content, seconds in all, tokens, text)."""
+    messages = messages or [{"role": "user", "content": f"Write a short poem about {topic}."}]
+    body = {"messages": messages, "max_tokens": new_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, text = None, 0, []
     with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -81,12 +91,86 @@ def one_request(http: httpx.Client, url: str, topic: str, new_tokens: int) -> di
             chunk = json.loads(line[5:])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
-            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - start
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = first if first is not None else time.perf_counter() - start
+                text.append(chunk["choices"][0]["delta"]["content"])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     total = time.perf_counter() - start
-    return {"ttft": first if first is not None else total, "latency": total, "tokens": tokens}
+    return {"ttft": first if first is not None else total, "latency": total, "tokens": tokens, "text": "".join(text)}
+
+
+def passages(n: int, chars: int) -> list[str]:
+    """n different stretches of Hamlet (tests/data/hamlet.txt), `chars` characters each."""
+    text = (Path(__file__).resolve().parent.parent / "tests/data/hamlet.txt").read_text()
+    return [text[5000 + i * chars:5000 + (i + 1) * chars] for i in range(n)]
+
+
+def chat_turns(url: str, turns: int, new_tokens: int) -> dict[str, Any]:
+    """One client, `turns` turns of one conversation (~150 tokens of user text a turn); each turn
+    resends the whole history with the model's answers. Time to first token per turn."""
+    messages: list[dict[str, str]] = [{"role": "system", "content": "You are a careful reader of plays."}]
+    ttfts = []
+    with httpx.Client(timeout=600) as http:
+        for passage in passages(turns, 600):
+            messages.append({"role": "user", "content": f"Summarise this passage:\n{passage}"})
+            r = one_request(http, url, "", new_tokens, messages)
+            messages.append({"role": "assistant", "content": r["text"]})
+            ttfts.append(r["ttft"])
+        health = http.get(f"{url}/health").json()
+    return {"ttft_s": ttfts, "reused_tokens": health.get("reused_tokens", 0)}
+
+
+def shared_system(url: str, clients: int, new_tokens: int) -> dict[str, Any]:
+    """`clients` requests at once, each one shared ~1,000-token system prompt + its own question."""
+    system = "You answer questions about this scene.\n" + passages(1, 4000)[0]
+    out: list[dict[str, Any]] = []
+
+    def client(i: int) -> None:
+        with httpx.Client(timeout=600) as http:
+            messages = [{"role": "system", "content": system},
+                        {"role": "user", "content": f"Question {i}: who speaks about {TOPICS[i % len(TOPICS)]}?"}]
+            out.append(one_request(http, url, "", new_tokens, messages))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "tok_s": sum(r["tokens"] for r in out) / wall,
+            "ttft_p50_s": statistics.median(r["ttft"] for r in out)}
+
+
+def prefix_scenario(args: argparse.Namespace) -> None:
+    """Run the chat or system scenario with and without prefix reuse; print both and the ratio."""
+    results = {}
+    for reuse in (True, False):
+        server, url = start_server(args, reuse)
+        try:
+            run_clients(url, 1, 1, 8)  # warm-up
+            results[reuse] = (chat_turns(url, args.turns, args.new_tokens) if args.scenario == "chat"
+                              else shared_system(url, int(args.clients.split(",")[-1]), args.new_tokens))
+        finally:
+            server.terminate()
+            server.wait(60)
+    on, off = results[True], results[False]
+    if args.scenario == "chat":
+        print(f"# {args.turns}-turn chat, {args.new_tokens} new tokens a turn: time to first token per turn (ms)\n")
+        print("| turn | with prefix reuse | without | x faster |\n|---|---|---|---|")
+        for t, (a, b) in enumerate(zip(on["ttft_s"], off["ttft_s"]), 1):
+            print(f"| {t} | {1e3 * a:.0f} | {1e3 * b:.0f} | {b / a:.1f} |")
+        print(f"\nreused tokens: {on['reused_tokens']}")
+    else:
+        print(f"# {int(args.clients.split(',')[-1])} clients, one ~1,000-token system prompt, {args.new_tokens} "
+              "new tokens each\n")
+        print("| prefix reuse | aggregate tok/s | TTFT p50 ms | wall s |\n|---|---|---|---|")
+        for name, r in (("on", on), ("off", off)):
+            print(f"| {name} | {r['tok_s']:.1f} | {1e3 * r['ttft_p50_s']:.0f} | {r['wall_s']:.1f} |")
+        print(f"\nwith / without: {on['tok_s'] / off['tok_s']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"scenario": args.scenario, "with": on, "without": off}, indent=2))
 
 
 def run_clients(url: str, clients: int, requests: int, new_tokens: int) -> dict[str, Any]:
@@ -133,7 +217,14 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--scenario", choices=("clients", "chat", "system"), default="clients",
+                   help="clients: 1..N clients of independent requests; chat / system: prefix reuse on and off")
+    p.add_argument("--turns", type=int, default=8, help="--scenario chat: turns of the conversation")
     args = p.parse_args()
+    if args.scenario != "clients":
+        model_path(args.model)  # converts the embedded model once, before any timing
+        prefix_scenario(args)
+        return
 
     directory = model_path(args.model)  # converts the embedded model once, before any timing
     device = torch.device(args.device or "cpu")
