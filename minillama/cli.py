@@ -81,10 +81,12 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed,
+                              args.presence_penalty, args.frequency_penalty)
     stop = check_stop_strings([unescape(s) for s in args.stop])
     return dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
                 repetition_penalty=sampling.repetition_penalty, seed=sampling.seed, stop=stop or None,
+                presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
                 compile=args.compile)
 
 
@@ -423,6 +425,10 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", "--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="OpenAI's: subtracted from the logit of every token generated so far, in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="OpenAI's: subtracted once per time a token was generated so far, in [-2, 2]")
     p.add_argument("--seed", "-s", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help=r"stop string (repeatable); escapes \n \t \r \\ \xHH \uHHHH are processed, so "

@@ -41,8 +41,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import GenerationError
-from .generate import (SamplingConfig, TextStream, check_count, check_stop_strings, eos_ids, process_logits, sample,
-                       seen_tokens)
+from .generate import (SamplingConfig, TextStream, check_count, check_logit_bias, check_stop_strings, eos_ids,
+                       process_logits, sample, seen_tokens)
 from .model import Transformer, check_token_ids
 
 log = logging.getLogger("minillama.engine")
@@ -115,6 +115,7 @@ class Request:
     _text: TextStream | None = None
     _generator: torch.Generator | None = None
     _seen: torch.Tensor | None = None
+    _counts: torch.Tensor | None = None  # [1, V] generated-token counts (presence/frequency penalties)
     _last: int = 0  # the token the next decode step feeds
     _filled: int = 0  # prompt tokens already in the cache (a long prompt is prefilled in chunks)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # with echo: complete before any event
@@ -185,6 +186,7 @@ class Engine:
         elif request.echo:
             raise GenerationError("echo needs logprobs (the prompt's log-probabilities are what it returns)")
         request.max_tokens = self.check(request.prompt, request.max_tokens, request.echo)
+        check_logit_bias(request.sampling, self.model.config.vocab_size)
         check_stop_strings(request.stop)  # now, not on the engine thread
         with self._wake:
             if self._stopping:
@@ -303,6 +305,8 @@ class Engine:
             if sampling.repetition_penalty != 1.0:
                 ids = torch.tensor([request.prompt], device=self.device)
                 request._seen = seen_tokens(ids, torch.ones_like(ids), self.model.config.vocab_size)
+            if sampling.counts_generated:
+                request._counts = torch.zeros(1, self.model.config.vocab_size, device=self.device)
             # echo scores every prompt token, so it prefills them all
             row, shared = self._pick_row(request.prompt, reuse=self.prefix_reuse and not request.echo)
             source, live = self._live_prefix(request.prompt) if self.prefix_reuse and not request.echo else (None, 0)
@@ -398,7 +402,8 @@ class Engine:
         """Sample the request's next token from its logits [1, V]; emit its text; end it when it is done."""
         sampling = request.sampling
         try:
-            token = int(sample(process_logits(logits, sampling, request._seen), sampling, request._generator))
+            token = int(sample(process_logits(logits, sampling, request._seen, request._counts), sampling,
+                               request._generator))
         except Exception as e:  # noqa: BLE001 - e.g. non-finite logits: this request fails, not the engine
             self._fail(row, request, e, "sampling")
             return
@@ -415,6 +420,8 @@ class Engine:
         request._last = token
         if request._seen is not None:
             request._seen[0, token] = True
+        if request._counts is not None:
+            request._counts[0, token] += 1
         text = request._text.push(token)
         if request._text.stopped:
             self._finish(row, request, Event(text, "stop"))

@@ -38,6 +38,11 @@ class SamplingConfig:
     min_p: float | None = None
     repetition_penalty: float = 1.0
     seed: int | None = None
+    # OpenAI's: subtracted from a token's logit once it has been generated (presence) and per time
+    # it has been generated (frequency), counting the generated tokens only, not the prompt.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
@@ -54,6 +59,20 @@ class SamplingConfig:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**64):
             raise GenerationError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                raise GenerationError(f"{name} must be a number in [-2, 2], got {value!r}")
+        for token, bias in (self.logit_bias or {}).items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise GenerationError(f"logit_bias: {token!r} is not a token id")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise GenerationError(f"logit_bias[{token}] must be a number in [-100, 100], got {bias!r}")
+
+    @property
+    def counts_generated(self) -> bool:
+        """Whether sampling needs each row's counts of generated tokens (presence/frequency penalties)."""
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -93,8 +112,18 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None) -> torch.Tensor:
-    """Apply the repetition penalty and, when sampling, temperature/top-k/top-p/min-p to fp32 logits [B, V]."""
+def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None,
+                   counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Shape fp32 logits [B, V] for sampling, in vLLM's order: logit_bias, the repetition penalty
+    (over `seen`, prompt and generated), presence and frequency penalties (over `counts` [B, V] of
+    generated tokens), then, when sampling, temperature/top-k/top-p/min-p."""
+    if cfg.logit_bias:
+        bias = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        bias[torch.tensor(list(cfg.logit_bias), device=logits.device)] = torch.tensor(
+            list(cfg.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+        logits = logits + bias
+    if counts is not None and cfg.counts_generated:
+        logits = logits - cfg.frequency_penalty * counts - cfg.presence_penalty * (counts > 0)
     if cfg.repetition_penalty != 1.0 and seen is not None:
         # CTRL-style, as transformers: shrink seen tokens' logits toward "less likely" whatever their sign.
         penalized = torch.where(logits < 0, logits * cfg.repetition_penalty, logits / cfg.repetition_penalty)
@@ -231,9 +260,11 @@ def decode_tokens(
     generator = None
     if sampling.seed is not None and not sampling.greedy:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    seen = None
+    seen = counts = None
     if sampling.repetition_penalty != 1.0:
         seen = seen_tokens(input_ids, attention_mask, model.config.vocab_size)
+    if sampling.counts_generated:
+        counts = torch.zeros(bsz, model.config.vocab_size, device=device)
     eos_t = torch.tensor(list(eos), dtype=torch.long, device=device)
     # Without padding an eager step needs no mask at all; a compiled step always gets one, so that
     # one graph serves padded and unpadded batches alike.
@@ -270,7 +301,7 @@ def decode_tokens(
     history = [prompt_ids] if refill_at is not None and prompt_len <= refill_at < total else None
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (token, all rows done after it), not yet yielded
     for i in range(max_new_tokens):
-        sampled = sample(process_logits(logits, sampling, seen), sampling, generator)
+        sampled = sample(process_logits(logits, sampling, seen, counts), sampling, generator)
         token = sampled.masked_fill(done, pad_id)
         if stats is not None:
             # prefill (i == 0), the first decode step (i == 1), then the steady decode steps
@@ -304,6 +335,8 @@ def decode_tokens(
             start = _clock(device)  # the caller's time between tokens is not the model's
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
+        if counts is not None:
+            counts.scatter_add_(1, sampled[:, None], torch.ones_like(sampled[:, None], dtype=counts.dtype))
         slot += 1
         if history is not None:
             history.append(sampled[:, None])
@@ -335,6 +368,13 @@ def check_count(value: Any, name: str, least: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise GenerationError(f"{name} must be an integer >= {least}, got {value!r}")
     return value
+
+
+def check_logit_bias(sampling: SamplingConfig, vocab_size: int) -> None:
+    """GenerationError for a logit_bias key outside the vocabulary."""
+    bad = [t for t in sampling.logit_bias or {} if t >= vocab_size]
+    if bad:
+        raise GenerationError(f"logit_bias: {bad[0]} is not a token id (the vocabulary has {vocab_size})")
 
 
 def check_stop_strings(stops: Sequence[str] | str) -> list[str]:
@@ -411,6 +451,9 @@ def generate_tokens(
     repetition_penalty: float = 1.0,
     eos_token_id: int | Sequence[int] | None = None,
     seed: int | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: dict[int, float] | None = None,
     attention_mask: torch.Tensor | None = None,
     pad_token_id: int | None = None,
     stop: Sequence[str] | None = None,
@@ -425,7 +468,9 @@ def generate_tokens(
     The options are generate()'s; settings that cannot work raise GenerationError here, before
     any compute.
     """
-    sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, seed, presence_penalty,
+                              frequency_penalty, logit_bias)
+    check_logit_bias(sampling, model.config.vocab_size)
     check_count(max_new_tokens, "max_new_tokens")
     if eos_token_id is None:
         eos = eos_ids(model, tokenizer)
@@ -470,7 +515,7 @@ def generate(
 
     input_ids: [S], [B, S] (left-padded, with `attention_mask`) or a list of token lists of any
     lengths. Options (see generate_tokens): temperature (0: greedy), top_k, top_p, min_p,
-    repetition_penalty, seed, eos_token_id (None: every EOS id of the checkpoint; []: never stop
+    repetition_penalty, presence_penalty and frequency_penalty (OpenAI's), logit_bias ({id: bias}), seed, eos_token_id (None: every EOS id of the checkpoint; []: never stop
     early), attention_mask, pad_token_id (fills rows that finished early), stop (strings; needs
     tokenizer), tokenizer, compile (True: the decode step, and on a GPU the prefill too; "decode";
     "all": both; compiled code is cached on the model), step_fn

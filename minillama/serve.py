@@ -127,12 +127,10 @@ class CompletionBody(_Body):
 
 # Fields we accept only when they ask for nothing: name -> the values that ask for nothing.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
     "tools": (None, []), "tool_choice": (None, "none"), "suffix": (None, ""), "best_of": (None, 1),
     "response_format": (None, {"type": "text"}),
 }
-HINTS = {"presence_penalty": " (use repetition_penalty)", "frequency_penalty": " (use repetition_penalty)",
-         "n": " (one choice per request)", "best_of": " (one choice per request)"}
+HINTS = {"best_of": " (use n)"}
 
 
 def _check_fields(body: _Body) -> None:
@@ -262,14 +260,19 @@ class Server:
             raise APIError(400, "prompt: empty list", param="prompt")
         return [list(self.tokenizer(p).input_ids) if isinstance(p, str) else list(p) for p in many]
 
-    def _sampling(self, body: _Body) -> SamplingConfig:
+    def _sampling(self, body: _Body, seed: int | None) -> SamplingConfig:
         values = {k: getattr(body, k) if getattr(body, k) is not None else self.defaults.get(k) for k in SAMPLING_KEYS}
+        bias = {}
+        for key, value in (body.logit_bias or {}).items():  # JSON keys are strings: "50256": -100
+            if not key.strip().isdigit():
+                raise APIError(400, f"logit_bias: {key!r} is not a token id", param="logit_bias")
+            bias[int(key)] = value
         try:
             return SamplingConfig(values["temperature"], values["top_k"], values["top_p"], values["min_p"],
                                   values["repetition_penalty"] if values["repetition_penalty"] is not None else 1.0,
-                                  body.seed)
+                                  seed, body.presence_penalty or 0.0, body.frequency_penalty or 0.0, bias or None)
         except GenerationError as e:
-            raise APIError(400, str(e), param=str(e).split()[0]) from None
+            raise APIError(400, str(e), param=str(e).split()[0].rstrip(":").split("[")[0]) from None
 
     def _logprobs_asked(self, body: _Body, kind: str) -> tuple[int | None, bool]:
         """(alternatives per token or None for no logprobs, echo), or a 400 naming the bad field."""
@@ -306,7 +309,12 @@ class Server:
         if max_tokens is not None and max_tokens < (0 if echo else 1):
             raise APIError(400, f"max_tokens must be >= {0 if echo else 1}{'' if echo else ' (0 only with echo)'}, "
                            f"got {max_tokens}", param="max_tokens")
-        sampling = self._sampling(body)
+        if not 1 <= body.n <= self.engine.max_batch:
+            raise APIError(400, f"n must be in 1..{self.engine.max_batch} (this server's --max-batch), got {body.n}",
+                           param="n")
+        # With a seed, choice j samples with seed + j: each choice reproducible on its own.
+        samplings = [self._sampling(body, None if body.seed is None else (body.seed + j) % 2**64)
+                     for j in range(body.n)]
         try:
             stop = check_stop_strings(body.stop or [])
         except GenerationError as e:
@@ -315,7 +323,9 @@ class Server:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         requests = []
         try:
-            for i, prompt in enumerate(prompts):
+            # Choice index = prompt index * n + j, as OpenAI numbers them; the n copies of a prompt share
+            # its prefill (the engine copies the first one's keys and values).
+            for i, (prompt, sampling) in enumerate((p, s) for p in prompts for s in samplings):
                 request = Request(prompt, max_tokens, sampling, stop, body.ignore_eos, logprobs=logprobs, echo=echo,
                                   on_event=lambda event, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, event)))
                 self.engine.submit(request)
@@ -325,8 +335,8 @@ class Server:
                 self.engine.cancel(request)
             if isinstance(e, QueueFull):
                 raise APIError(503, str(e), code="queue_full", kind="server_error") from None
-            where = "messages" if kind == "chat" else "prompt" + (f"[{len(requests)}]" if len(prompts) > 1 else "")
-            raise APIError(400, str(e), param=where.split("[")[0],
+            param = "logit_bias" if "logit_bias" in str(e) else "messages" if kind == "chat" else "prompt"
+            raise APIError(400, str(e), param=param,
                            code="context_length_exceeded" if "context" in str(e) else None) from None
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
@@ -364,7 +374,8 @@ class Server:
         # Starlette cancels this generator when the client disconnects; `finally` frees the rows.
         try:
             if kind == "chat":
-                yield _sse(self._chunk(kind, rid, 0, {"role": "assistant", "content": ""}))
+                for i in range(len(requests)):
+                    yield _sse(self._chunk(kind, rid, i, {"role": "assistant", "content": ""}))
             running, offsets, prompt_sent = len(requests), [0] * len(requests), [False] * len(requests)
             while running:
                 i, event = await queue.get()

@@ -181,14 +181,16 @@ def _error(status: int, response: httpx.Response) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("body, status, param", [
-    ({"n": 2}, 400, "n"),
+    ({"n": 100}, 400, "n"),
+    ({"best_of": 2}, 400, "best_of"),
     ({"model": "other"}, 404, "model"),
     ({"temperature": -1}, 400, "temperature"),
     ({"top_p": 1.5}, 400, "top_p"),
     ({"max_tokens": 0}, 400, "max_tokens"),
     ({"max_tokens": "many"}, 400, "max_tokens"),
     ({"stop": [""]}, 400, "stop"),
-    ({"frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({"frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ({"logit_bias": {"x": 1}}, 400, "logit_bias"),
     ({"logprobs": True, "top_logprobs": 50}, 400, "top_logprobs"),
     ({"unknown_field": 1}, 400, "unknown_field"),
     ({"messages": []}, 400, "messages"),
@@ -216,8 +218,8 @@ def test_malformed_bodies_unknown_routes_and_the_client_errors(server: Running) 
     _error(404, httpx.get(f"{server.url}/v1/nothing", timeout=30))
     with pytest.raises(openai.NotFoundError):
         server.client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
-    with pytest.raises(openai.BadRequestError, match="n=3"):
-        server.client.chat.completions.create(model=NAME, n=3, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="n must be in 1..4"):
+        server.client.chat.completions.create(model=NAME, n=30, messages=[{"role": "user", "content": "hi"}])
     # after all that, requests still work
     models = server.client.models.list()
     assert [m.id for m in models.data] == [NAME] and server.client.models.retrieve(NAME).id == NAME
