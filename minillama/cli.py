@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import signal
@@ -84,10 +85,22 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed,
                               args.presence_penalty, args.frequency_penalty)
     stop = check_stop_strings([unescape(s) for s in args.stop])
+    schema = None
+    if args.json_schema is not None:
+        from .structured import check_schema
+
+        try:
+            text = Path(args.json_schema).read_text()
+        except OSError as e:
+            raise GenerationError(f"--json-schema {args.json_schema}: {e.strerror or e}") from None
+        try:
+            schema, _ = check_schema(text)
+        except GenerationError as e:
+            raise GenerationError(f"--json-schema {args.json_schema}: {e}") from None
     return dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
                 repetition_penalty=sampling.repetition_penalty, seed=sampling.seed, stop=stop or None,
                 presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
-                compile=args.compile)
+                json_schema=schema, compile=args.compile)
 
 
 def _stream_reply(model: Any, tokenizer: Any, ids: list[int], args: argparse.Namespace,
@@ -105,6 +118,9 @@ def _stream_reply(model: Any, tokenizer: Any, ids: list[int], args: argparse.Nam
     finally:  # Ctrl-C included: what was generated stays on screen, the prompt starts on a new line
         if not quiet:
             print(flush=True)
+    if options.get("json_schema") is not None and not quiet and not _is_json("".join(pieces)):
+        print(f"minillama: the reply reached --max-new-tokens ({args.max_new_tokens}) before its JSON was complete",
+              file=sys.stderr)
     if args.stats and not quiet:
         compiled = [bool(args.compile) and (getattr(model.__dict__.get(key), "status", None) or True)
                     for key in ("_compiled_step", "_compiled_prefill")]
@@ -115,6 +131,14 @@ def _stream_reply(model: Any, tokenizer: Any, ids: list[int], args: argparse.Nam
         print(format_stats(stats, load_s, *compiled) + memory, file=sys.stderr)
         args.load_s = None  # a chat loads once: later turns report no load time
     return "".join(pieces)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 COMPILE_NOTES = {True: " (compile)", "compiled": " (compiled, and cached for the next run)",
@@ -433,6 +457,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help=r"stop string (repeatable); escapes \n \t \r \\ \xHH \uHHHH are processed, so "
                         r"--stop '\n\n' stops at a blank line")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="the reply is JSON that follows this JSON schema, enforced token by token "
+                        "(e.g. configs/schemas/person.json; a file holding {\"type\": \"object\"} asks for any object)")
     p.add_argument("--system", default=None, help="system message (chat template only)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="use the tokenizer's chat template (default: when it has one)")

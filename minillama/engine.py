@@ -44,6 +44,7 @@ from .errors import GenerationError
 from .generate import (SamplingConfig, TextStream, check_count, check_logit_bias, check_stop_strings, eos_ids,
                        process_logits, sample, seen_tokens)
 from .model import Transformer, check_token_ids
+from .structured import Grammar, GrammarState, mask_logits
 
 log = logging.getLogger("minillama.engine")
 
@@ -103,6 +104,7 @@ class Request:
     ignore_eos: bool = False  # run to max_tokens (benchmarks)
     logprobs: int | None = None  # None: no logprobs; K: each token's logprob and the K likeliest (0..20)
     echo: bool = False  # also every prompt token's logprob (needs logprobs); max_tokens may then be 0
+    grammar: Grammar | None = None  # structured output: the output follows this compiled JSON schema
     on_event: Callable[[Event], None] = lambda event: None
     id: int = field(default_factory=itertools.count().__next__)
     tokens: list[int] = field(default_factory=list)  # generated ids, the end-of-sequence id excluded
@@ -116,6 +118,7 @@ class Request:
     _generator: torch.Generator | None = None
     _seen: torch.Tensor | None = None
     _counts: torch.Tensor | None = None  # [1, V] generated-token counts (presence/frequency penalties)
+    _grammar: GrammarState | None = None  # where the output is in `grammar`
     _last: int = 0  # the token the next decode step feeds
     _filled: int = 0  # prompt tokens already in the cache (a long prompt is prefilled in chunks)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # with echo: complete before any event
@@ -307,6 +310,8 @@ class Engine:
                 request._seen = seen_tokens(ids, torch.ones_like(ids), self.model.config.vocab_size)
             if sampling.counts_generated:
                 request._counts = torch.zeros(1, self.model.config.vocab_size, device=self.device)
+            if request.grammar is not None:
+                request._grammar = request.grammar.state()
             # echo scores every prompt token, so it prefills them all
             row, shared = self._pick_row(request.prompt, reuse=self.prefix_reuse and not request.echo)
             source, live = self._live_prefix(request.prompt) if self.prefix_reuse and not request.echo else (None, 0)
@@ -402,8 +407,11 @@ class Engine:
         """Sample the request's next token from its logits [1, V]; emit its text; end it when it is done."""
         sampling = request.sampling
         try:
-            token = int(sample(process_logits(logits, sampling, request._seen, request._counts), sampling,
+            allowed = logits if request._grammar is None else mask_logits(logits.clone(), [request._grammar])
+            token = int(sample(process_logits(allowed, sampling, request._seen, request._counts), sampling,
                                request._generator))
+            if request._grammar is not None:
+                request._grammar.advance(token)
         except Exception as e:  # noqa: BLE001 - e.g. non-finite logits: this request fails, not the engine
             self._fail(row, request, e, "sampling")
             return
@@ -413,7 +421,7 @@ class Engine:
             entry = token_logprobs(logits, torch.tensor([token], device=logits.device), request.logprobs)[0]
             request.sampled_logprobs.append(entry)
             request._pending.append(entry)
-        if token in self.eos and not request.ignore_eos:
+        if token in self.eos and (not request.ignore_eos or request._grammar is not None):
             self._finish(row, request, Event(request._text.flush(), "stop"))
             return
         request.tokens.append(token)
@@ -423,8 +431,8 @@ class Engine:
         if request._counts is not None:
             request._counts[0, token] += 1
         text = request._text.push(token)
-        if request._text.stopped:
-            self._finish(row, request, Event(text, "stop"))
+        if request._text.stopped or (request._grammar is not None and request._grammar.stopped):
+            self._finish(row, request, Event(text + request._text.flush(), "stop"))
         elif len(request.tokens) >= request.max_tokens:
             self._finish(row, request, Event(text + request._text.flush(), "length"))
         elif text:

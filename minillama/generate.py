@@ -17,6 +17,7 @@ import torch
 
 from .errors import GenerationError
 from .model import Transformer, check_token_ids
+from .structured import advance_states, mask_logits
 
 # Cache lengths are rounded up so that successive calls reuse one allocation (and one compiled graph).
 CACHE_ROUND = 256
@@ -232,6 +233,7 @@ def decode_tokens(
     stats: GenerationStats | None = None,
     sync_every: int = 1,
     prefill_fn: Any = None,
+    grammar: Any = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [B] per step; finished rows get `pad_id`.
 
@@ -241,6 +243,8 @@ def decode_tokens(
     stats, when given, is filled with the time of each phase (model time only, not the caller's).
     sync_every: check whether every row is done once per this many tokens (tokens then arrive in
     bursts); the tokens yielded are the same for any value.
+    grammar: a structured.Grammar every row's output must follow (each row gets its own state; a
+    row ends once its document is complete).
     """
     bsz, prompt_len = input_ids.shape
     device = model.input_device
@@ -271,6 +275,7 @@ def decode_tokens(
     decode_mask = padding_mask if has_padding or step_fn is not None else None
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     step = step_fn if step_fn is not None else model
+    states = [grammar.state() for _ in range(bsz)] if grammar is not None else None
 
     # Padding slots are masked out; any valid id will do there, whatever the pad id is.
     prompt_ids = input_ids.masked_fill(attention_mask == 0, 0)
@@ -301,8 +306,13 @@ def decode_tokens(
     history = [prompt_ids] if refill_at is not None and prompt_len <= refill_at < total else None
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (token, all rows done after it), not yet yielded
     for i in range(max_new_tokens):
+        if states is not None:
+            live = [None if d else s for s, d in zip(states, done.tolist())]
+            mask_logits(logits, live)
         sampled = sample(process_logits(logits, sampling, seen, counts), sampling, generator)
         token = sampled.masked_fill(done, pad_id)
+        if states is not None:
+            done |= advance_states(live, sampled.tolist(), device)
         if stats is not None:
             # prefill (i == 0), the first decode step (i == 1), then the steady decode steps
             now = _clock(device)
@@ -457,6 +467,7 @@ def generate_tokens(
     attention_mask: torch.Tensor | None = None,
     pad_token_id: int | None = None,
     stop: Sequence[str] | None = None,
+    json_schema: dict | str | bool | None = None,
     tokenizer: Any = None,
     step_fn: Callable[..., torch.Tensor] | None = None,
     compile: bool | str = False,
@@ -492,6 +503,13 @@ def generate_tokens(
     if stop and tokenizer is None:
         raise GenerationError("stop strings need a tokenizer: pass tokenizer=...")
     should_stop = StopStrings(tokenizer, stop, ids.shape[0]) if stop else None
+    grammar = None
+    if json_schema is not None:
+        if tokenizer is None:
+            raise GenerationError("json_schema needs a tokenizer: pass tokenizer=...")
+        from .structured import Grammar
+
+        grammar = Grammar(json_schema, tokenizer, model.config.vocab_size, eos)
     parts = compile_parts(compile, model.input_device)
     if "decode" in parts and step_fn is None:
         step_fn = _compiled(model, "decode")
@@ -499,12 +517,13 @@ def generate_tokens(
     if sync_every is None:
         # On a GPU a host read per token stalls the queue of kernels; on a CPU it costs nothing.
         # Stop strings are checked on the host text every token anyway.
-        sync_every = 1 if stop or model.input_device.type == "cpu" else SYNC_EVERY_GPU
+        # A grammar's mask is computed on the host from the token before, so it reads every one too.
+        sync_every = 1 if stop or grammar or model.input_device.type == "cpu" else SYNC_EVERY_GPU
     check_count(sync_every, "sync_every")
     # Never run past the context the model was trained for.
     max_new_tokens = min(max_new_tokens, context - ids.shape[1])
     tokens = decode_tokens(model, ids, mask, max_new_tokens, sampling, eos, pad_token_id, should_stop, step_fn,
-                           stats, sync_every, prefill_fn)
+                           stats, sync_every, prefill_fn, grammar)
     return ids, tokens
 
 
@@ -515,10 +534,12 @@ def generate(
 
     input_ids: [S], [B, S] (left-padded, with `attention_mask`) or a list of token lists of any
     lengths. Options (see generate_tokens): temperature (0: greedy), top_k, top_p, min_p,
-    repetition_penalty, presence_penalty and frequency_penalty (OpenAI's), logit_bias ({id: bias}), seed, eos_token_id (None: every EOS id of the checkpoint; []: never stop
-    early), attention_mask, pad_token_id (fills rows that finished early), stop (strings; needs
-    tokenizer), tokenizer, compile (True: the decode step, and on a GPU the prefill too; "decode";
-    "all": both; compiled code is cached on the model), step_fn
+    repetition_penalty, presence_penalty and frequency_penalty (OpenAI's), logit_bias ({id: bias}),
+    seed, eos_token_id (None: every EOS id of the checkpoint; []: never stop early), attention_mask,
+    pad_token_id (fills rows that finished early), stop (strings; needs tokenizer), json_schema (a
+    JSON schema as a dict or JSON text, or True for any JSON object: every row's output follows it,
+    enforced token by token; needs tokenizer), tokenizer, compile (True: the decode step, and on a
+    GPU the prefill too; "decode"; "all": both; compiled code is cached on the model), step_fn
     (a decode step of your own), stats (a GenerationStats to fill with per-phase timings),
     sync_every (tokens between host checks for "all rows done"; default 1 on a CPU, 16 on a GPU).
     """

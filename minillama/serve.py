@@ -13,6 +13,7 @@ shape, {"error": {"message", "type", "param", "code"}}, with the status a client
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException
 from .engine import MAX_LOGPROBS, Engine, Event, QueueFull, Request, TokenLogprob
 from .errors import GenerationError, MinillamaError
 from .generate import SamplingConfig, check_stop_strings
+from .structured import Grammar
 from .tokenizer import encode_prompt
 
 log = logging.getLogger("minillama.serve")
@@ -82,6 +84,7 @@ class _Body(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None  # structured output; completions take it too (as vLLM)
 
 
 class TokenizeBody(BaseModel):
@@ -111,7 +114,6 @@ class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -128,8 +130,8 @@ class CompletionBody(_Body):
 # Fields we accept only when they ask for nothing: name -> the values that ask for nothing.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "tools": (None, []), "tool_choice": (None, "none"), "suffix": (None, ""), "best_of": (None, 1),
-    "response_format": (None, {"type": "text"}),
 }
+GRAMMARS_KEPT = 32  # compiled response_format schemas kept for requests that send the same one
 HINTS = {"best_of": " (use n)"}
 
 
@@ -153,6 +155,7 @@ class Server:
         self.defaults: dict[str, Any] = {"temperature": 1.0}
         self.defaults.update({k: config[k] for k in SAMPLING_KEYS if config.get(k) is not None})
         self.created = int(time.time())
+        self.grammars: collections.OrderedDict[str, Grammar] = collections.OrderedDict()
         self.app = self._build()
 
     def _build(self) -> FastAPI:
@@ -296,6 +299,38 @@ class Server:
                            param="echo")
         return k, bool(body.echo)
 
+    async def _grammar(self, body: _Body) -> Grammar | None:
+        """The compiled schema `response_format` asks for (None for text), or a 400 naming the problem.
+        Compiled off the event loop (the first one also wraps the tokenizer, ~1 s); kept by schema."""
+        fmt = body.response_format
+        if fmt is None or fmt == {"type": "text"}:
+            return None
+        kind = fmt.get("type")
+        if kind == "json_object":
+            schema: Any = True
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise APIError(400, "response_format.json_schema must be an object with a `schema` object",
+                               param="response_format")
+            schema = spec.get("schema", {})
+        else:
+            raise APIError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                           param="response_format")
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self.grammars:
+            model = self.engine.model
+            try:
+                grammar = await asyncio.to_thread(Grammar, schema, self.tokenizer, model.config.vocab_size,
+                                                  sorted(self.engine.eos))
+            except GenerationError as e:
+                raise APIError(400, f"response_format: {e}", param="response_format") from None
+            self.grammars[key] = grammar
+            while len(self.grammars) > GRAMMARS_KEPT:
+                self.grammars.popitem(last=False)
+        self.grammars.move_to_end(key)
+        return self.grammars[key]
+
     async def _complete(self, body: _Body, kind: str, http: HTTPRequest) -> Any:
         """Check the request, queue one engine request per prompt, and answer: one JSON response, or
         events as they come (each choice's, tagged with its index)."""
@@ -320,6 +355,7 @@ class Server:
         except GenerationError as e:
             raise APIError(400, str(e), param="stop") from None
         prompts = [self._chat_prompt(body)] if kind == "chat" else self._text_prompts(body)
+        grammar = await self._grammar(body)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         requests = []
         try:
@@ -327,6 +363,7 @@ class Server:
             # its prefill (the engine copies the first one's keys and values).
             for i, (prompt, sampling) in enumerate((p, s) for p in prompts for s in samplings):
                 request = Request(prompt, max_tokens, sampling, stop, body.ignore_eos, logprobs=logprobs, echo=echo,
+                                  grammar=grammar,
                                   on_event=lambda event, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, event)))
                 self.engine.submit(request)
                 requests.append(request)
@@ -464,8 +501,11 @@ class Server:
     def _log(self, request: Request, rid: str) -> None:
         end = request.finished or time.perf_counter()
         ttft = f"{(request.first_token - request.submitted) * 1e3:.0f} ms" if request.first_token else "-"
+        finish = request.finish_reason or "cancelled"
+        if request.grammar is not None:  # a JSON document cut by max_tokens is no document
+            finish += " (JSON complete)" if request._grammar and request._grammar.complete else " (JSON incomplete)"
         log.info("%s: %d prompt (%d reused) + %d new tokens, %s, first token %s, %.2f s", rid, len(request.prompt),
-                 request.reused, len(request.tokens), request.finish_reason or "cancelled", ttft, end - request.submitted)
+                 request.reused, len(request.tokens), finish, ttft, end - request.submitted)
 
 
 def _failure(event: Event) -> APIError | None:

@@ -11,11 +11,14 @@ Two scenarios measure prefix reuse, each run against a server with it and one wi
 (`--no-prefix-reuse`): `--scenario chat`, one client holding an 8-turn conversation (the whole
 history resent every turn, as chat clients do; time to first token per turn), and `--scenario
 system`, `--clients` clients at once behind one shared ~1,000-token system prompt (aggregate tok/s).
+`--scenario structured` compares decode throughput with a JSON schema (`response_format`) against
+free text at each client count.
 
     python tools/bench_serve.py                       # embedded SmolLM2, 1/2/4/8 clients
     python tools/bench_serve.py --clients 1,8,16 --max-batch 16 --json serve.json
     python tools/bench_serve.py --scenario chat --dtype bfloat16 --turns 8
     python tools/bench_serve.py --scenario system --dtype bfloat16 --clients 8
+    python tools/bench_serve.py --scenario structured --dtype bfloat16 --clients 1,8
 """
 
 from __future__ import annotations
@@ -76,11 +79,11 @@ def start_server(args: argparse.Namespace, reuse: bool = True) -> tuple[subproce
 
 
 def one_request(http: httpx.Client, url: str, topic: str, new_tokens: int,
-                messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
+                messages: list[dict[str, str]] | None = None, extra: dict | None = None) -> dict[str, Any]:
     """Send one streaming chat request; (seconds to first content, seconds in all, tokens, text)."""
     messages = messages or [{"role": "user", "content": f"Write a short poem about {topic}."}]
-    body = {"messages": messages, "max_tokens": new_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {"messages": messages, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}, **(extra or {})}
     start = time.perf_counter()
     first, tokens, text = None, 0, []
     with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
@@ -173,7 +176,44 @@ def prefix_scenario(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps({"scenario": args.scenario, "with": on, "without": off}, indent=2))
 
 
-def run_clients(url: str, clients: int, requests: int, new_tokens: int) -> dict[str, Any]:
+# Structured output that cannot end before max_tokens (at least 64 lines), so that free text and JSON
+# decode the same number of tokens.
+LONG_SCHEMA = {"type": "object", "properties": {"lines": {"type": "array", "items": {"type": "string"},
+                                                          "minItems": 64}}, "required": ["lines"]}
+
+
+def structured_scenario(args: argparse.Namespace) -> None:
+    """Decode rate with response_format json_schema against free text, on one server, at each client count."""
+    server, url = start_server(args)
+    fmt = {"response_format": {"type": "json_schema", "json_schema": {"name": "lines", "schema": LONG_SCHEMA}}}
+    rows = []
+    try:
+        run_clients(url, 1, 1, 8)  # warm-up
+        run_clients(url, 1, 1, 8, fmt)  # and the tokenizer's grammar view (built once)
+        for clients in (int(c) for c in args.clients.split(",")):
+            # interleaved, `--repeats` times each: the machine's drift falls on both alike
+            runs: dict[str, list] = {"free": [], "json": []}
+            for _ in range(args.repeats):
+                runs["free"].append(run_clients(url, clients, args.requests, args.new_tokens))
+                runs["json"].append(run_clients(url, clients, args.requests, args.new_tokens, fmt))
+            rows.append({"clients": clients, **{k: {"tok_s": statistics.median(r["tok_s"] for r in v),
+                                                    "tok_s_all": [r["tok_s"] for r in v]} for k, v in runs.items()}})
+    finally:
+        server.terminate()
+        server.wait(60)
+    print(f"# structured output: {args.requests} streaming chat requests per client, {args.new_tokens} new tokens "
+          "each (greedy, EOS ignored); JSON schema: an object of >= 64 strings\n")
+    print(f"| clients | free text tok/s (median of {args.repeats}; all) | JSON schema tok/s | JSON / free |")
+    print("|---|---|---|---|")
+    for r in rows:
+        spread = {k: ", ".join(f"{x:.1f}" for x in r[k]["tok_s_all"]) for k in ("free", "json")}
+        print(f"| {r['clients']} | {r['free']['tok_s']:.1f} ({spread['free']}) | {r['json']['tok_s']:.1f} "
+              f"({spread['json']}) | {r['json']['tok_s'] / r['free']['tok_s']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"scenario": "structured", "rows": rows}, indent=2))
+
+
+def run_clients(url: str, clients: int, requests: int, new_tokens: int, extra: dict | None = None) -> dict[str, Any]:
     results: list[dict[str, float]] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -182,7 +222,7 @@ def run_clients(url: str, clients: int, requests: int, new_tokens: int) -> dict[
         with httpx.Client(timeout=600) as http:
             for j in range(requests):
                 try:
-                    r = one_request(http, url, TOPICS[(i * requests + j) % len(TOPICS)], new_tokens)
+                    r = one_request(http, url, TOPICS[(i * requests + j) % len(TOPICS)], new_tokens, extra=extra)
                 except Exception as e:  # noqa: BLE001 - reported, not fatal to the other clients
                     with lock:
                         errors.append(f"{type(e).__name__}: {e}")
@@ -217,13 +257,15 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--scenario", choices=("clients", "chat", "system"), default="clients",
-                   help="clients: 1..N clients of independent requests; chat / system: prefix reuse on and off")
+    p.add_argument("--scenario", choices=("clients", "chat", "system", "structured"), default="clients",
+                   help="clients: 1..N clients of independent requests; chat / system: prefix reuse on and off; "
+                        "structured: response_format json_schema against free text")
     p.add_argument("--turns", type=int, default=8, help="--scenario chat: turns of the conversation")
+    p.add_argument("--repeats", type=int, default=3, help="--scenario structured: interleaved runs of each kind")
     args = p.parse_args()
     if args.scenario != "clients":
         model_path(args.model)  # converts the embedded model once, before any timing
-        prefix_scenario(args)
+        structured_scenario(args) if args.scenario == "structured" else prefix_scenario(args)
         return
 
     directory = model_path(args.model)  # converts the embedded model once, before any timing
