@@ -152,7 +152,9 @@ def format_stats(stats: Any, load_s: float | None, compiled: bool | str, prefill
     parts = [f"load {load_s:.2f} s"] if load_s is not None else []
     if stats.prefill_compile_s:
         parts.append(f"prefill compile {stats.prefill_compile_s:.2f} s" + COMPILE_NOTES.get(prefill_compiled, ""))
-    parts.append(f"prefill {stats.prompt_tokens} tokens in {stats.prefill_s:.2f} s ({stats.prefill_tok_s:.0f} tok/s)")
+    reused = f", {stats.reused_tokens} more reused from the cache" if stats.reused_tokens else ""
+    parts.append(f"prefill {stats.prompt_tokens} tokens{reused} in {stats.prefill_s:.2f} s "
+                 f"({stats.prefill_tok_s:.0f} tok/s)")
     if stats.new_tokens > 1:
         parts.append(f"first decode step {stats.warmup_s:.2f} s" + COMPILE_NOTES.get(compiled, ""))
     rate = f" at {stats.decode_tok_s:.1f} tok/s" if stats.decode_tok_s else ""
@@ -211,10 +213,15 @@ def fit_conversation(
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive multi-turn chat in the terminal (/reset clears the history, /exit or Ctrl-D quits;
-    Ctrl-C cancels the answer being written)."""
+    Ctrl-C cancels the answer being written). The conversation's KV cache stays between turns: a
+    turn prefills only what its chat template rendering adds to the last one."""
+    from .generate import CachedPrefix
     from .tokenizer import encode_prompt
 
     options = _sampling(args)
+    conversation = CachedPrefix()
+    if args.prefix_reuse:
+        options["cached"] = conversation
     model, tokenizer = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
@@ -236,6 +243,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         if line.strip() == "/reset":
             history.clear()
+            conversation.clear()
             continue
         if not line.strip():
             continue
@@ -247,11 +255,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"minillama: message too long ({len(ids)} tokens, context {context}); not sent",
                   file=sys.stderr)
             continue
+        held = len(conversation.tokens)  # the last turn's prompt and reply, as the cache holds them
         try:
             reply = _stream_reply(model, tokenizer, ids, args, options)
         except KeyboardInterrupt:
             print("[cancelled]", file=sys.stderr)
             continue
+        if args.stats and args.prefix_reuse and held and conversation.reused < min(held, len(ids)) - 2:
+            # A template that renders earlier turns differently next time (or history dropped to fit
+            # the context) leaves only the common start reusable; the rest is prefilled again.
+            print(f"[prefix reuse: the prompt diverged from the cached conversation after {conversation.reused} "
+                  f"of {held} tokens (the chat template re-rendered earlier turns, or old turns were dropped); "
+                  "the rest was prefilled again]", file=sys.stderr)
         history = turns + [{"role": "assistant", "content": reply}]
 
 
@@ -489,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--tp", type=int, default=None, metavar="N",
                            help="tensor parallel over N processes started by torchrun or accelerate launch: "
                                 "each holds 1/N of every projection (docs/distributed.md)")
+        if name == "chat":
+            p.add_argument("--prefix-reuse", action=argparse.BooleanOptionalAction, default=True,
+                           help="keep the conversation's KV cache across turns, so each turn prefills only its "
+                                "new messages (--no-prefix-reuse: prefill the whole history every turn)")
         p.set_defaults(func=func)
     p = sub.add_parser("generate-batch", help=cmd_generate_batch.__doc__, description=cmd_generate_batch.__doc__)
     _add_model_args(p)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -90,7 +91,8 @@ class GenerationStats:
     compiled (or loaded) before the prompt's clock starts: that time is `prefill_compile_s`.
     """
 
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # prefilled (a cached prefix's tokens are not)
+    reused_tokens: int = 0  # prompt tokens whose keys and values the cache held already (CachedPrefix)
     prefill_compile_s: float = 0.0  # compiling or loading the compiled prefill (0 when it was ready)
     prefill_s: float = 0.0  # the prompt's forward pass and the first sampled token
     warmup_s: float = 0.0  # the first decode step (compilation, when compiling)
@@ -105,6 +107,48 @@ class GenerationStats:
     def decode_tok_s(self) -> float:
         """New tokens per second after the first decode step (the steady state)."""
         return (self.new_tokens - 2) / self.decode_s if self.new_tokens > 2 and self.decode_s else 0.0
+
+
+@dataclass
+class CachedPrefix:
+    """What row 0 of the model's KV cache holds between calls, for a conversation (one prompt a call).
+
+    Pass the same object as `cached=` to each generate/stream call of a chat: a call prefills only
+    what follows the longest common prefix of `tokens` and its prompt (the chat template renders
+    the history again each turn; only the new messages differ), then records the tokens whose keys
+    and values it wrote. Any other use of the model's cache in between (a call without this
+    object, a new cache) is noticed, and the next call prefills everything.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    reused: int = 0  # prompt tokens the last call did not prefill
+    _keys: Any = None  # weakref to the cache tensor `tokens` live in
+
+    def usable(self, model: Transformer, prompt: Sequence[int]) -> int:
+        """Prompt tokens whose keys and values are in row 0 already (0 when the cache changed hands).
+        At least the last prompt token is prefilled again: its logits give the first new token."""
+        cache = model.kv_cache
+        if (cache is None or self._keys is None or self._keys() is not cache.k
+                or model.__dict__.get("_cache_holder") is not self):
+            return 0
+        n = 0
+        for a, b in zip(self.tokens, prompt):
+            if a != b:
+                break
+            n += 1
+        return min(n, len(prompt) - 1)
+
+    def clear(self) -> None:
+        self.tokens, self.reused, self._keys = [], 0, None
+
+
+def _grow_cache(model: Transformer, batch: int, length: int, keep: int) -> None:
+    """A cache of at least [batch, length] slots (rounded up), keeping row 0's first `keep` slots."""
+    old = [(layer.attn.kv_cache.k, layer.attn.kv_cache.v) for layer in model.layers] if keep else []
+    model.setup_cache(batch, -(-length // CACHE_ROUND) * CACHE_ROUND)
+    for layer, (k, v) in zip(model.layers, old):
+        layer.attn.kv_cache.k[:1, :, :keep] = k[:1, :, :keep]
+        layer.attn.kv_cache.v[:1, :, :keep] = v[:1, :, :keep]
 
 
 def _clock(device: torch.device) -> float:
@@ -234,6 +278,7 @@ def decode_tokens(
     sync_every: int = 1,
     prefill_fn: Any = None,
     grammar: Any = None,
+    cached: CachedPrefix | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [B] per step; finished rows get `pad_id`.
 
@@ -245,16 +290,26 @@ def decode_tokens(
     bursts); the tokens yielded are the same for any value.
     grammar: a structured.Grammar every row's output must follow (each row gets its own state; a
     row ends once its document is complete).
+    cached: the conversation's CachedPrefix (batch 1, no padding): the prompt's first tokens that row
+    0 of the cache already holds are not prefilled again; it records what this call writes.
     """
     bsz, prompt_len = input_ids.shape
     device = model.input_device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     total = prompt_len + max_new_tokens
     cache = model.kv_cache
+    whole = bsz == 1 and bool(attention_mask.all())  # one unpadded prompt: the only kind a chat reuses
+    reuse = cached.usable(model, input_ids[0].tolist()) if cached is not None and whole else 0
     # Grow the cache when needed, never shrink it: a compiled step is guarded on the cache tensors
     # themselves, so new buffers would cost a recompile. model.clear_cache() frees it.
     if cache is None or cache.max_seq_len < total or cache.k.shape[0] < bsz:
-        model.setup_cache(bsz, -(-total // CACHE_ROUND) * CACHE_ROUND)
+        _grow_cache(model, bsz, total, reuse)
+    # Whose tokens row 0 holds from now on: this conversation's, or nobody's that can reuse them.
+    model.__dict__["_cache_holder"] = cached if whole else None
+    if cached is not None and whole:
+        # The prompt's tokens count as held once its prefill is done (a prefill cut short holds part).
+        cached.tokens, cached.reused = input_ids[0].tolist()[:reuse], reuse
+        cached._keys = weakref.ref(model.kv_cache.k)
     padding_mask = torch.ones(bsz, model.cache_len, dtype=torch.long, device=device)
     padding_mask[:, :prompt_len] = attention_mask
     pad_count = (attention_mask == 0).sum(-1, keepdim=True)  # left padding per row
@@ -280,7 +335,8 @@ def decode_tokens(
     # Padding slots are masked out; any valid id will do there, whatever the pad id is.
     prompt_ids = input_ids.masked_fill(attention_mask == 0, 0)
     prompt_slots = torch.arange(prompt_len, device=device)
-    compiled_prefill = prefill_fn is not None and prompt_len >= 2
+    # A prompt whose start is cached prefills the rest eagerly (a few tokens: a chat's new turn).
+    compiled_prefill = prefill_fn is not None and prompt_len >= 2 and not reuse
     if compiled_prefill:
         # One compiled graph serves padded and unpadded batches, so it always gets the mask.
         start = _clock(device)
@@ -288,14 +344,16 @@ def decode_tokens(
         if stats is not None:
             stats.prefill_compile_s += _clock(device) - start
     if stats is not None:
-        stats.prompt_tokens, start = prompt_len, _clock(device)
+        stats.prompt_tokens, stats.reused_tokens, start = prompt_len - reuse, reuse, _clock(device)
     if compiled_prefill:
         logits = prefill_fn(prompt_ids, prompt_slots, position_ids=positions, padding_mask=padding_mask)
     else:
         # validate=False: generate_tokens checked the prompt's ids, and the cache was sized above.
-        logits = model(prompt_ids, prompt_slots, position_ids=positions,
+        logits = model(prompt_ids[:, reuse:], prompt_slots[reuse:], position_ids=positions[:, reuse:],
                        padding_mask=padding_mask if has_padding else None, last_only=True, validate=False)
     logits = logits[:, -1].float()
+    if cached is not None and whole:
+        cached.tokens = input_ids[0].tolist()
     # The decode step's slot and positions live on the device and advance in place: a new
     # torch.tensor([pos]) per step would be a host-to-device copy, which waits for the GPU.
     slot = torch.tensor([prompt_len - 1], device=device)
@@ -348,6 +406,8 @@ def decode_tokens(
         if counts is not None:
             counts.scatter_add_(1, sampled[:, None], torch.ones_like(sampled[:, None], dtype=counts.dtype))
         slot += 1
+        # Recorded once fed (below): a step cut short (Ctrl-C) leaves a slot no one will reuse.
+        fed = cached.tokens.append if cached is not None and whole else None
         if history is not None:
             history.append(sampled[:, None])
             if prompt_len + i == refill_at:
@@ -357,6 +417,8 @@ def decode_tokens(
                                padding_mask=padding_mask if has_padding else None, last_only=True,
                                validate=False)[:, -1].float()
                 history = None
+                if fed is not None:
+                    fed(int(sampled[0]))
                 continue
         # Finished rows keep decoding their own (ignored) samples: the pad id need not be a valid token.
         # validate=False: the token comes from our own logits and the slot from the cache we sized.
@@ -365,6 +427,8 @@ def decode_tokens(
         extra = {} if step_fn is not None else {"kv_len": prompt_len + i + 1}
         logits = step(sampled[:, None], slot, position_ids=slot - pad_count, padding_mask=decode_mask,
                       validate=False, **extra)[:, -1].float()
+        if fed is not None:
+            fed(int(sampled[0]))
 
 
 def _longrope_switch(model: Transformer) -> int | None:
@@ -468,6 +532,7 @@ def generate_tokens(
     pad_token_id: int | None = None,
     stop: Sequence[str] | None = None,
     json_schema: dict | str | bool | None = None,
+    cached: CachedPrefix | None = None,
     tokenizer: Any = None,
     step_fn: Callable[..., torch.Tensor] | None = None,
     compile: bool | str = False,
@@ -523,7 +588,7 @@ def generate_tokens(
     # Never run past the context the model was trained for.
     max_new_tokens = min(max_new_tokens, context - ids.shape[1])
     tokens = decode_tokens(model, ids, mask, max_new_tokens, sampling, eos, pad_token_id, should_stop, step_fn,
-                           stats, sync_every, prefill_fn, grammar)
+                           stats, sync_every, prefill_fn, grammar, cached)
     return ids, tokens
 
 
@@ -538,7 +603,8 @@ def generate(
     seed, eos_token_id (None: every EOS id of the checkpoint; []: never stop early), attention_mask,
     pad_token_id (fills rows that finished early), stop (strings; needs tokenizer), json_schema (a
     JSON schema as a dict or JSON text, or True for any JSON object: every row's output follows it,
-    enforced token by token; needs tokenizer), tokenizer, compile (True: the decode step, and on a
+    enforced token by token; needs tokenizer), cached (a CachedPrefix shared by a conversation's
+    calls: the prompt's cached start is not prefilled again), tokenizer, compile (True: the decode step, and on a
     GPU the prefill too; "decode"; "all": both; compiled code is cached on the model), step_fn
     (a decode step of your own), stats (a GenerationStats to fill with per-phase timings),
     sync_every (tokens between host checks for "all rows done"; default 1 on a CPU, 16 on a GPU).
