@@ -25,8 +25,9 @@ import pytest
 import torch
 
 import minillama
+from minillama.compiled import compiled as _compiled
 from minillama.cudagraph import CUDAGraphStep
-from minillama.generate import GenerationStats, _compiled, generate, left_pad
+from minillama.generate import GenerationStats, generate, left_pad
 
 pytestmark = pytest.mark.cuda
 PROMPTS = [[5, 17, 3], [9, 8, 7, 6, 5, 4, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]

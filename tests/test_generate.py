@@ -285,7 +285,7 @@ def test_compiled_prefill_is_one_compilation_for_every_prompt_length(make_hf, mo
 
 
 def test_compile_takes_true_false_decode_or_all(make_hf):
-    from minillama.generate import compile_parts
+    from minillama.compiled import compile_parts
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert compile_parts(True, cpu) == ("decode",) and compile_parts(True, cuda) == ("decode", "prefill")
