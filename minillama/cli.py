@@ -78,7 +78,7 @@ def unescape(text: str) -> str:
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     """Generation options from flags, validated before any model is loaded."""
-    from .generate import SamplingConfig, check_stop_strings
+    from .generate import SamplingConfig, check_count, check_stop_strings
 
     if args.max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -97,10 +97,38 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
             schema, _ = check_schema(text)
         except GenerationError as e:
             raise GenerationError(f"--json-schema {args.json_schema}: {e}") from None
-    return dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
-                repetition_penalty=sampling.repetition_penalty, seed=sampling.seed, stop=stop or None,
-                presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
-                json_schema=schema, compile=args.compile)
+    options = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                   min_p=sampling.min_p, repetition_penalty=sampling.repetition_penalty, seed=sampling.seed,
+                   stop=stop or None, presence_penalty=sampling.presence_penalty,
+                   frequency_penalty=sampling.frequency_penalty, json_schema=schema, compile=args.compile)
+    if args.prompt_lookup is not None or args.draft is not None:
+        from .speculative import PromptLookup
+
+        if args.prompt_lookup is not None and args.draft is not None:
+            raise GenerationError("--prompt-lookup and --draft are two ways to guess tokens: choose one")
+        for flag, value in (("--compile", args.compile), ("--json-schema", schema)):
+            if value:
+                raise GenerationError(f"speculative decoding (--prompt-lookup / --draft) does not combine with {flag} yet")
+        check_count(args.draft_tokens, "--draft-tokens")
+        if args.prompt_lookup is not None:
+            options["speculative"] = PromptLookup(tokens=check_count(args.prompt_lookup, "--prompt-lookup"))
+    return options
+
+
+def _attach_draft(args: argparse.Namespace, tokenizer: Any, options: dict[str, Any]) -> None:
+    """Load --draft (with --draft-quantize) as the speculative proposer; its tokenizer must be the model's."""
+    if args.draft is None:
+        return
+    from .checkpoint import from_pretrained
+    from .hub import model_path
+    from .speculative import DraftModel
+    from .tokenizer import load_tokenizer
+
+    draft_dir = model_path(args.draft)
+    if load_tokenizer(draft_dir).get_vocab() != tokenizer.get_vocab():
+        raise GenerationError(f"--draft {args.draft}: its tokenizer is not the model's (the vocabularies differ)")
+    draft = from_pretrained(draft_dir, dtype=args.dtype, device=args.device, quantize=args.draft_quantize)
+    options["speculative"] = DraftModel(draft, args.draft_tokens)
 
 
 def _stream_reply(model: Any, tokenizer: Any, ids: list[int], args: argparse.Namespace,
@@ -159,6 +187,9 @@ def format_stats(stats: Any, load_s: float | None, compiled: bool | str, prefill
         parts.append(f"first decode step {stats.warmup_s:.2f} s" + COMPILE_NOTES.get(compiled, ""))
     rate = f" at {stats.decode_tok_s:.1f} tok/s" if stats.decode_tok_s else ""
     parts.append(f"{stats.new_tokens} new tokens{rate}")
+    if stats.target_forwards:
+        parts.append(f"speculative: {stats.accepted} of {stats.proposed} guesses accepted ({stats.acceptance:.0%}), "
+                     f"{stats.new_tokens / (stats.target_forwards + 1):.2f} tokens per forward")
     return "[" + "; ".join(parts) + "]"
 
 
@@ -179,6 +210,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif args.tp is not None and args.tp < 1:
         raise GenerationError(f"--tp must be >= 1, got {args.tp}")
     model, tokenizer = _load(args)
+    _attach_draft(args, tokenizer, options)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": prompt})
     _stream_reply(model, tokenizer, encode_prompt(tokenizer, messages, args.chat), args, options)
@@ -220,9 +252,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     options = _sampling(args)
     conversation = CachedPrefix()
-    if args.prefix_reuse:
+    # (speculative decoding keeps its own cache rows: no reuse across turns with it yet)
+    if args.prefix_reuse and args.prompt_lookup is None and args.draft is None:
         options["cached"] = conversation
     model, tokenizer = _load(args)
+    _attach_draft(args, tokenizer, options)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     context = model.config.max_position_embeddings
@@ -287,6 +321,7 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
     if args.device is None:
         args.device = process_state().device
     model, tokenizer = _load(args)
+    _attach_draft(args, tokenizer, options)
     n = generate_file(model, tokenizer, args.prompts, args.out, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, chat=args.chat, system=args.system, **options)
     if process_state().is_main_process:
@@ -475,6 +510,14 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-schema", default=None, metavar="FILE",
                    help="the reply is JSON that follows this JSON schema, enforced token by token "
                         "(e.g. configs/schemas/person.json; a file holding {\"type\": \"object\"} asks for any object)")
+    p.add_argument("--prompt-lookup", nargs="?", type=int, const=10, default=None, metavar="N",
+                   help="speculative decoding by prompt lookup: guess up to N (default 10) tokens a step by "
+                        "copying what followed the last few tokens earlier in the text; the same output, faster "
+                        "where the answer repeats the input")
+    p.add_argument("--draft", default=None, metavar="DIR_OR_ID",
+                   help="speculative decoding with this smaller model (same tokenizer) guessing the tokens")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft guesses a step")
+    p.add_argument("--draft-quantize", default=None, metavar="MODE", help="load the draft quantized (e.g. int8)")
     p.add_argument("--system", default=None, help="system message (chat template only)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="use the tokenizer's chat template (default: when it has one)")

@@ -94,6 +94,14 @@ class GenerationStats:
     warmup_s: float = 0.0  # the first decode step (compilation, when compiling)
     decode_s: float = 0.0  # every later decode step
     new_tokens: int = 0  # tokens produced (rows x steps counts a batch as one)
+    # speculative decoding: tokens guessed, guesses the target kept, the target's verify forwards
+    proposed: int = 0
+    accepted: int = 0
+    target_forwards: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -259,6 +267,30 @@ class IncrementalDecoder:
         return piece
 
 
+def lay_out(attention_mask: torch.Tensor, cache_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a left-padded batch: (padding mask over the cache's slots [B, cache_len], left padding
+    per row [B, 1], each prompt token's RoPE position [B, S], from 0 at the row's first real token)."""
+    bsz, prompt_len = attention_mask.shape
+    padding_mask = torch.ones(bsz, cache_len, dtype=torch.long, device=attention_mask.device)
+    padding_mask[:, :prompt_len] = attention_mask
+    pad_count = (attention_mask == 0).sum(-1, keepdim=True)
+    positions = (torch.arange(prompt_len, device=attention_mask.device)[None] - pad_count).clamp(min=0)
+    return padding_mask, pad_count, positions
+
+
+def sampling_state(sampling: SamplingConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   vocab_size: int) -> tuple[torch.Generator | None, torch.Tensor | None, torch.Tensor | None]:
+    """(the seeded generator, the repetition penalty's seen tokens [B, V], the generated-token counts
+    [B, V]) a decode loop starts with; None where the sampling config does not need one."""
+    device = input_ids.device
+    generator = None
+    if sampling.seed is not None and not sampling.greedy:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    seen = seen_tokens(input_ids, attention_mask, vocab_size) if sampling.repetition_penalty != 1.0 else None
+    counts = torch.zeros(input_ids.shape[0], vocab_size, device=device) if sampling.counts_generated else None
+    return generator, seen, counts
+
+
 @torch.no_grad()
 def decode_tokens(
     model: Transformer,
@@ -306,20 +338,9 @@ def decode_tokens(
         # The prompt's tokens count as held once its prefill is done (a prefill cut short holds part).
         cached.tokens, cached.reused = input_ids[0].tolist()[:reuse], reuse
         cached._keys = weakref.ref(model.kv_cache.k)
-    padding_mask = torch.ones(bsz, model.cache_len, dtype=torch.long, device=device)
-    padding_mask[:, :prompt_len] = attention_mask
-    pad_count = (attention_mask == 0).sum(-1, keepdim=True)  # left padding per row
+    padding_mask, pad_count, positions = lay_out(attention_mask, model.cache_len)
     has_padding = bool(pad_count.any())
-    positions = (torch.arange(prompt_len, device=device)[None] - pad_count).clamp(min=0)
-
-    generator = None
-    if sampling.seed is not None and not sampling.greedy:
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    seen = counts = None
-    if sampling.repetition_penalty != 1.0:
-        seen = seen_tokens(input_ids, attention_mask, model.config.vocab_size)
-    if sampling.counts_generated:
-        counts = torch.zeros(bsz, model.config.vocab_size, device=device)
+    generator, seen, counts = sampling_state(sampling, input_ids, attention_mask, model.config.vocab_size)
     eos_t = torch.tensor(list(eos), dtype=torch.long, device=device)
     # Without padding an eager step needs no mask at all; a compiled step always gets one, so that
     # one graph serves padded and unpadded batches alike.
@@ -328,8 +349,7 @@ def decode_tokens(
     step = step_fn if step_fn is not None else model
     states = [grammar.state() for _ in range(bsz)] if grammar is not None else None
 
-    # Padding slots are masked out; any valid id will do there, whatever the pad id is.
-    prompt_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    prompt_ids = input_ids.masked_fill(attention_mask == 0, 0)  # pad slots are masked: any valid id
     prompt_slots = torch.arange(prompt_len, device=device)
     # A prompt whose start is cached prefills the rest eagerly (a few tokens: a chat's new turn).
     compiled_prefill = prefill_fn is not None and prompt_len >= 2 and not reuse
@@ -529,6 +549,7 @@ def generate_tokens(
     stop: Sequence[str] | None = None,
     json_schema: dict | str | bool | None = None,
     cached: CachedPrefix | None = None,
+    speculative: Any = None,
     tokenizer: Any = None,
     step_fn: Callable[..., torch.Tensor] | None = None,
     compile: bool | str = False,
@@ -572,6 +593,10 @@ def generate_tokens(
 
         grammar = Grammar(json_schema, tokenizer, model.config.vocab_size, eos)
     parts = compile_parts(compile, model.input_device)
+    if speculative is not None:
+        from .speculative import check_speculative
+
+        check_speculative(speculative, grammar=grammar, cached=cached, compile_parts=parts, model=model)
     if "decode" in parts and step_fn is None:
         step_fn = compiled(model, "decode")
     prefill_fn = compiled(model, "prefill") if "prefill" in parts else None
@@ -583,6 +608,12 @@ def generate_tokens(
     check_count(sync_every, "sync_every")
     # Never run past the context the model was trained for.
     max_new_tokens = min(max_new_tokens, context - ids.shape[1])
+    if speculative is not None:
+        from .speculative import speculative_tokens
+
+        tokens = speculative_tokens(model, ids, mask, max_new_tokens, sampling, eos, pad_token_id, speculative,
+                                    should_stop, stats)
+        return ids, tokens
     tokens = decode_tokens(model, ids, mask, max_new_tokens, sampling, eos, pad_token_id, should_stop, step_fn,
                            stats, sync_every, prefill_fn, grammar, cached)
     return ids, tokens
@@ -600,7 +631,8 @@ def generate(
     pad_token_id (fills rows that finished early), stop (strings; needs tokenizer), json_schema (a
     JSON schema as a dict or JSON text, or True for any JSON object: every row's output follows it,
     enforced token by token; needs tokenizer), cached (a CachedPrefix shared by a conversation's
-    calls: the prompt's cached start is not prefilled again), tokenizer, compile (True: the decode step, and on a
+    calls: the prompt's cached start is not prefilled again), speculative (speculative.PromptLookup(...)
+    or DraftModel(draft, k): several tokens checked per forward, the same output), tokenizer, compile (True: the decode step, and on a
     GPU the prefill too; "decode"; "all": both; compiled code is cached on the model), step_fn
     (a decode step of your own), stats (a GenerationStats to fill with per-phase timings),
     sync_every (tokens between host checks for "all rows done"; default 1 on a CPU, 16 on a GPU).
