@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_families import FAMILIES, TOKENS
 
 import minillama
 from minillama.cli import main
@@ -176,3 +177,15 @@ def test_cli_prompt_lookup_and_draft_print_what_plain_decoding_prints(tiny_chat_
         assert main([*base, *flags, "--stats"]) == 0
         captured = capsys.readouterr()
         assert captured.out == plain and "speculative:" in captured.err
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_and_a_quantized_model(make_hf, name: str) -> None:
+    _, path = make_hf(name, **TOKENS, **FAMILIES[name])
+    model = minillama.from_pretrained(path, dtype="float32", quantize="int8" if name == "qwen3" else None)
+    if model.config.rope.rope_type == "longrope":
+        with pytest.raises(GenerationError, match="longrope"):
+            generate(model, PROMPTS, 4, speculative=PromptLookup(4))
+        return
+    assert generate(model, PROMPTS, 24, eos_token_id=[], speculative=PromptLookup(4)).tolist() \
+        == _plain(model, PROMPTS, 24).tolist()
