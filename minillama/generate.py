@@ -325,19 +325,8 @@ def decode_tokens(
     device = model.input_device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     total = prompt_len + max_new_tokens
-    cache = model.kv_cache
     whole = bsz == 1 and bool(attention_mask.all())  # one unpadded prompt: the only kind a chat reuses
-    reuse = cached.usable(model, input_ids[0].tolist()) if cached is not None and whole else 0
-    # Grow the cache when needed, never shrink it: a compiled step is guarded on the cache tensors
-    # themselves, so new buffers would cost a recompile. model.clear_cache() frees it.
-    if cache is None or cache.max_seq_len < total or cache.k.shape[0] < bsz:
-        _grow_cache(model, bsz, total, reuse)
-    # Whose tokens row 0 holds from now on: this conversation's, or nobody's that can reuse them.
-    model.__dict__["_cache_holder"] = cached if whole else None
-    if cached is not None and whole:
-        # The prompt's tokens count as held once its prefill is done (a prefill cut short holds part).
-        cached.tokens, cached.reused = input_ids[0].tolist()[:reuse], reuse
-        cached._keys = weakref.ref(model.kv_cache.k)
+    reuse = _take_cache(model, input_ids, total, cached if whole else None)
     padding_mask, pad_count, positions = lay_out(attention_mask, model.cache_len)
     has_padding = bool(pad_count.any())
     generator, seen, counts = sampling_state(sampling, input_ids, attention_mask, model.config.vocab_size)
@@ -348,26 +337,11 @@ def decode_tokens(
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     step = step_fn if step_fn is not None else model
     states = [grammar.state() for _ in range(bsz)] if grammar is not None else None
+    clock, bursts = _Phases(stats, device), _Bursts(sync_every)
 
     prompt_ids = input_ids.masked_fill(attention_mask == 0, 0)  # pad slots are masked: any valid id
-    prompt_slots = torch.arange(prompt_len, device=device)
-    # A prompt whose start is cached prefills the rest eagerly (a few tokens: a chat's new turn).
-    compiled_prefill = prefill_fn is not None and prompt_len >= 2 and not reuse
-    if compiled_prefill:
-        # One compiled graph serves padded and unpadded batches, so it always gets the mask.
-        start = _clock(device)
-        prefill_fn.prepare(prompt_ids, prompt_slots, positions, padding_mask)
-        if stats is not None:
-            stats.prefill_compile_s += _clock(device) - start
-    if stats is not None:
-        stats.prompt_tokens, stats.reused_tokens, start = prompt_len - reuse, reuse, _clock(device)
-    if compiled_prefill:
-        logits = prefill_fn(prompt_ids, prompt_slots, position_ids=positions, padding_mask=padding_mask)
-    else:
-        # validate=False: generate_tokens checked the prompt's ids, and the cache was sized above.
-        logits = model(prompt_ids[:, reuse:], prompt_slots[reuse:], position_ids=positions[:, reuse:],
-                       padding_mask=padding_mask if has_padding else None, last_only=True, validate=False)
-    logits = logits[:, -1].float()
+    logits = _prefill(model, prompt_ids, positions, padding_mask if has_padding else None, reuse, prefill_fn,
+                      stats, clock)
     if cached is not None and whole:
         cached.tokens = input_ids[0].tolist()
     # The decode step's slot and positions live on the device and advance in place: a new
@@ -378,73 +352,138 @@ def decode_tokens(
     # whole sequence is read again at that point (one long prefill), so every key has the long ones.
     refill_at = _longrope_switch(model)
     history = [prompt_ids] if refill_at is not None and prompt_len <= refill_at < total else None
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (token, all rows done after it), not yet yielded
     for i in range(max_new_tokens):
-        if states is not None:
-            live = [None if d else s for s, d in zip(states, done.tolist())]
+        # sample
+        live = None if states is None else [None if d else s for s, d in zip(states, done.tolist())]
+        if live is not None:
             mask_logits(logits, live)
         sampled = sample(process_logits(logits, sampling, seen, counts), sampling, generator)
         token = sampled.masked_fill(done, pad_id)
-        if states is not None:
+        clock.token(i)
+        # stop
+        if live is not None:
             done |= advance_states(live, sampled.tolist(), device)
-        if stats is not None:
-            # prefill (i == 0), the first decode step (i == 1), then the steady decode steps
-            now = _clock(device)
-            phase = "prefill_s" if i == 0 else "warmup_s" if i == 1 else "decode_s"
-            setattr(stats, phase, getattr(stats, phase) + now - start)
-            stats.new_tokens = i + 1
         done |= torch.isin(token, eos_t)
         if should_stop is not None:
             done |= should_stop(token)
-        last = i == max_new_tokens - 1
-        if sync_every == 1:
-            yield token
-            if last or bool(done.all()):
-                return
-        else:
-            # Read back whether every row is done once per `sync_every` tokens (one host sync), then
-            # yield the tokens up to the step where they all were: the output ends exactly where a
-            # check after every token would have ended it; the extra steps only cost compute.
-            pending.append((token, done.all()))
-            if last or len(pending) == sync_every:
-                flags = torch.stack([flag for _, flag in pending]).tolist()
-                for (held, _), all_done in zip(pending, flags):
-                    yield held
-                    if all_done:
-                        return
-                pending.clear()
-                if last:
-                    return
-        if stats is not None:
-            start = _clock(device)  # the caller's time between tokens is not the model's
+        ready, end = bursts.push(token, done, last=i == max_new_tokens - 1)
+        yield from ready
+        if end:
+            return
+        # feed the token back
+        clock.restart()  # the caller's time between tokens is not the model's
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
         if counts is not None:
             counts.scatter_add_(1, sampled[:, None], torch.ones_like(sampled[:, None], dtype=counts.dtype))
         slot += 1
-        # Recorded once fed (below): a step cut short (Ctrl-C) leaves a slot no one will reuse.
-        fed = cached.tokens.append if cached is not None and whole else None
-        if history is not None:
-            history.append(sampled[:, None])
-            if prompt_len + i == refill_at:
-                seq = torch.cat(history, dim=1)
-                slots = torch.arange(seq.shape[1], device=device)
-                logits = model(seq, slots, position_ids=(slots[None] - pad_count).clamp(min=0),
-                               padding_mask=padding_mask if has_padding else None, last_only=True,
-                               validate=False)[:, -1].float()
-                history = None
-                if fed is not None:
-                    fed(int(sampled[0]))
-                continue
-        # Finished rows keep decoding their own (ignored) samples: the pad id need not be a valid token.
-        # validate=False: the token comes from our own logits and the slot from the cache we sized.
-        # The eager model is told how many slots are written (the host knows); a compiled step
-        # has static shapes and attends over all of them.
-        extra = {} if step_fn is not None else {"kv_len": prompt_len + i + 1}
-        logits = step(sampled[:, None], slot, position_ids=slot - pad_count, padding_mask=decode_mask,
-                      validate=False, **extra)[:, -1].float()
-        if fed is not None:
-            fed(int(sampled[0]))
+        if history is not None and prompt_len + i == refill_at:
+            seq = torch.cat([*history, sampled[:, None]], dim=1)
+            slots = torch.arange(seq.shape[1], device=device)
+            logits = model(seq, slots, position_ids=(slots[None] - pad_count).clamp(min=0),
+                           padding_mask=padding_mask if has_padding else None, last_only=True,
+                           validate=False)[:, -1].float()
+            history = None
+        else:
+            if history is not None:
+                history.append(sampled[:, None])
+            # Finished rows keep decoding their own (ignored) samples: the pad id need not be valid.
+            # validate=False: the token comes from our own logits and the slot from the cache we
+            # sized. The eager model is told how many slots are written (the host knows); a compiled
+            # step has static shapes and attends over all of them.
+            extra = {} if step_fn is not None else {"kv_len": prompt_len + i + 1}
+            logits = step(sampled[:, None], slot, position_ids=slot - pad_count, padding_mask=decode_mask,
+                          validate=False, **extra)[:, -1].float()
+        if cached is not None and whole:  # recorded once fed: a step cut short (Ctrl-C) is not reused
+            cached.tokens.append(int(sampled[0]))
+
+
+def _take_cache(model: Transformer, input_ids: torch.Tensor, total: int, cached: CachedPrefix | None) -> int:
+    """Size the KV cache for `total` slots and hand row 0 to `cached` (or to nobody); the prompt
+    tokens row 0 already holds for it (not prefilled again)."""
+    bsz = input_ids.shape[0]
+    reuse = cached.usable(model, input_ids[0].tolist()) if cached is not None else 0
+    cache = model.kv_cache
+    # Grow the cache when needed, never shrink it: a compiled step is guarded on the cache tensors
+    # themselves, so new buffers would cost a recompile. model.clear_cache() frees it.
+    if cache is None or cache.max_seq_len < total or cache.k.shape[0] < bsz:
+        _grow_cache(model, bsz, total, reuse)
+    # Whose tokens row 0 holds from now on: this conversation's, or nobody's that can reuse them.
+    model.__dict__["_cache_holder"] = cached
+    if cached is not None:
+        # The prompt's tokens count as held once its prefill is done (a prefill cut short holds part).
+        cached.tokens, cached.reused = input_ids[0].tolist()[:reuse], reuse
+        cached._keys = weakref.ref(model.kv_cache.k)
+    return reuse
+
+
+def _prefill(model: Transformer, prompt_ids: torch.Tensor, positions: torch.Tensor, padding_mask: torch.Tensor | None,
+             reuse: int, prefill_fn: Any, stats: GenerationStats | None, clock: _Phases) -> torch.Tensor:
+    """The prompt's forward from slot `reuse` on (compiled when given and worth it): fp32 logits [B, V]."""
+    prompt_len = prompt_ids.shape[1]
+    slots = torch.arange(prompt_len, device=prompt_ids.device)
+    # A prompt whose start is cached prefills the rest eagerly (a few tokens: a chat's new turn).
+    if prefill_fn is not None and prompt_len >= 2 and not reuse:
+        # One compiled graph serves padded and unpadded batches, so it always gets the mask.
+        mask = padding_mask if padding_mask is not None else torch.ones(
+            prompt_ids.shape[0], model.cache_len, dtype=torch.long, device=prompt_ids.device)
+        compile_start = _clock(prompt_ids.device)
+        prefill_fn.prepare(prompt_ids, slots, positions, mask)
+        if stats is not None:
+            stats.prefill_compile_s += _clock(prompt_ids.device) - compile_start
+            stats.prompt_tokens, stats.reused_tokens = prompt_len, 0
+        clock.restart()
+        return prefill_fn(prompt_ids, slots, position_ids=positions, padding_mask=mask)[:, -1].float()
+    if stats is not None:
+        stats.prompt_tokens, stats.reused_tokens = prompt_len - reuse, reuse
+    clock.restart()
+    # validate=False: generate_tokens checked the prompt's ids, and the cache was sized for it.
+    return model(prompt_ids[:, reuse:], slots[reuse:], position_ids=positions[:, reuse:], padding_mask=padding_mask,
+                 last_only=True, validate=False)[:, -1].float()
+
+
+class _Phases:
+    """Fills GenerationStats as a decode loop runs: the prefill (up to the first token), the first
+    decode step (compilation, warm-up) and the steady steps, each apart; nothing without stats."""
+
+    def __init__(self, stats: GenerationStats | None, device: torch.device) -> None:
+        self.stats, self.device, self.start = stats, device, 0.0
+
+    def restart(self) -> None:
+        if self.stats is not None:
+            self.start = _clock(self.device)
+
+    def token(self, i: int) -> None:
+        """Token i was sampled: its time goes to prefill (i == 0), warm-up (1) or decode."""
+        if self.stats is not None:
+            phase = "prefill_s" if i == 0 else "warmup_s" if i == 1 else "decode_s"
+            setattr(self.stats, phase, getattr(self.stats, phase) + _clock(self.device) - self.start)
+            self.stats.new_tokens = i + 1
+
+
+class _Bursts:
+    """Reads back "every row done" once per `every` tokens (one host sync on a GPU), and releases the
+    tokens up to the step where they all were: the output ends exactly where a check after every
+    token would have ended it; the extra steps only cost compute."""
+
+    def __init__(self, every: int) -> None:
+        self.every, self.held = every, []
+
+    def push(self, token: torch.Tensor, done: torch.Tensor, last: bool) -> tuple[list[torch.Tensor], bool]:
+        """(tokens to yield now, whether generation ends after them)."""
+        if self.every == 1:
+            return [token], last or bool(done.all())
+        self.held.append((token, done.all()))
+        if not last and len(self.held) < self.every:
+            return [], False
+        flags = torch.stack([flag for _, flag in self.held]).tolist()
+        ready = []
+        for (held, _), all_done in zip(self.held, flags):
+            ready.append(held)
+            if all_done:
+                return ready, True
+        self.held = []
+        return ready, last
 
 
 def _longrope_switch(model: Transformer) -> int | None:

@@ -229,8 +229,11 @@ def speculative_tokens(
     width = 1 + (proposer.tokens if isinstance(proposer, (PromptLookup, DraftModel)) else 0)
     # room for every row's last round to write `width` slots past its end
     cache_len = -(-(prompt_len + max_new_tokens + width) // CACHE_ROUND) * CACHE_ROUND
-    model.setup_cache(bsz, cache_len)
-    model.__dict__["_cache_holder"] = None
+    cache = model.kv_cache
+    if cache is None or cache.max_seq_len < cache_len or cache.k.shape[0] < bsz:
+        model.setup_cache(bsz, cache_len)
+    cache_len = model.cache_len
+    model.__dict__["_cache_holder"] = None  # a chat's cached conversation is overwritten
     padding_mask, pad_count, positions = lay_out(attention_mask, cache_len)
     has_padding = bool(pad_count.any())
     generator, seen, counts = sampling_state(sampling, input_ids, attention_mask, model.config.vocab_size)
@@ -270,7 +273,7 @@ def speculative_tokens(
         for i, kept in enumerate(new_round):
             if finished[i]:
                 continue
-            kept = kept[:max_new_tokens - generated[i]]
+            kept = new_round[i] = kept[:max_new_tokens - generated[i]]
             pending[i] += kept
             generated[i] += len(kept)
             for t in kept:

@@ -117,13 +117,14 @@ def _exact_distribution(model, prompt: list[int], cfg: SamplingConfig, n: int) -
     return dist
 
 
-@pytest.mark.parametrize("options", [dict(temperature=1.0, top_k=3), dict(temperature=0.7, top_k=3, top_p=0.8)])
+@pytest.mark.parametrize("options", [dict(temperature=1.0, top_k=2), dict(temperature=0.7, top_k=3, top_p=0.7)])
 def test_sampled_tokens_follow_the_target_distribution(models, options: dict) -> None:
-    """2,500 rows sampled at once (i.i.d. draws from one generator), 4 new tokens each: the first
+    """1,500 rows sampled at once (i.i.d. draws from one generator), 4 new tokens each: the first
     comes from the prompt's forward, the next three through guesses accepted or rejected. The
     empirical distribution of those three is within total variation 0.1 of the exact one
-    (plain sampling's own distance at 2,500 draws over these ~75 outcomes: 0.06-0.08)."""
-    target, prompt, rows = models["target"], [5, 9, 3, 5, 9, 3, 5], 2500
+    (measured 0.03-0.04; always accepting a guess, or sampling a rejection from p instead of the
+    residual, gives 0.15-1.0)."""
+    target, prompt, rows = models["target"], [5, 9, 3, 5, 9, 3, 5], 1500
     exact: dict[tuple[int, ...], float] = {}
     for seq, prob in _exact_distribution(target, prompt, SamplingConfig(**options), 4).items():
         exact[seq[1:]] = exact.get(seq[1:], 0.0) + prob
