@@ -129,6 +129,15 @@ def test_cli_json_schema(tiny_chat_dir: Path, tmp_path: Path, capsys: pytest.Cap
     assert main(["generate", "--model", str(tiny_chat_dir), "--prompt", "x", "-n", "3", "--json-schema",
                  str(schema)]) == 0
     assert "before its JSON was complete" in capsys.readouterr().err
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "bcd"}\n')
+    assert main(["generate-batch", "--model", str(tiny_chat_dir), "--prompts", str(prompts), "--out", str(out),
+                 "-n", "400", "--json-schema", str(schema), "--temperature", "1", "--seed", "2"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        jsonschema.validate(json.loads(row["completion"]), TINY)
+    capsys.readouterr()
     schema.write_text('{"type": "objekt"}')
     assert main(["generate", "--model", str(tiny_chat_dir), "--prompt", "x", "--json-schema", str(schema)]) != 0
     err = capsys.readouterr().err
