@@ -41,8 +41,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import GenerationError
-from .generate import (SamplingConfig, TextStream, check_count, check_logit_bias, check_stop_strings, eos_ids,
-                       process_logits, sample, seen_tokens)
+from .generate import (SamplingConfig, TextStream, check_count, check_logit_bias, check_stop_strings,
+                       common_prefix, eos_ids, process_logits, sample, seen_tokens)
 from .model import Transformer, check_token_ids
 from .structured import Grammar, GrammarState, mask_logits
 
@@ -316,7 +316,7 @@ class Engine:
             row, shared = self._pick_row(request.prompt, reuse=self.prefix_reuse and not request.echo)
             source, live = self._live_prefix(request.prompt) if self.prefix_reuse and not request.echo else (None, 0)
             if live > shared:  # a running request's prompt starts the same: copy its keys and values
-                row = min((i for i, r in enumerate(self.rows) if r is None), key=lambda i: (len(self.resting[i]), i))
+                row, _ = self._pick_row(request.prompt, reuse=False)  # the emptiest: keep others' prefixes
                 self._copy_row(source, row, live)
                 shared = live
             if shared:
@@ -332,7 +332,7 @@ class Engine:
         best, shared = None, 0
         for i, r in enumerate(self.rows):
             if r is not None:
-                n = min(_common_prefix(r.prompt, prompt), r._written)
+                n = min(common_prefix(r.prompt, prompt), r._written)
                 if n >= MIN_PREFIX and n > shared:
                     best, shared = i, n
         return best, shared
@@ -342,10 +342,10 @@ class Engine:
         row holds now) that this request's prompt starts with: one system prompt, many users."""
         if not self.prefix_reuse or request.echo:
             return False
-        have = max([_common_prefix(t, request.prompt) for t in self.resting] + [self._live_prefix(request.prompt)[1]])
+        have = max([common_prefix(t, request.prompt) for t in self.resting] + [self._live_prefix(request.prompt)[1]])
         for r in self.rows:
             if r is not None and r._filled < len(r.prompt):
-                n = _common_prefix(r.prompt, request.prompt)
+                n = common_prefix(r.prompt, request.prompt)
                 if n >= MIN_PREFIX and n > max(have, r._written):
                     return True
         return False
@@ -364,7 +364,7 @@ class Engine:
         best, shared = min(free, key=lambda i: (len(self.resting[i]), i)), 0
         if reuse:
             for i in free:
-                n = _common_prefix(self.resting[i], prompt)
+                n = common_prefix(self.resting[i], prompt)
                 if n >= MIN_PREFIX and n > shared:
                     best, shared = i, n
         return best, shared
@@ -459,13 +459,3 @@ class Engine:
         except Exception:  # noqa: BLE001 - a consumer that cannot take events is gone
             log.exception("request %d: its consumer failed; cancelling it", request.id)
             request.cancelled = True
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -135,15 +135,20 @@ class CachedPrefix:
         if (cache is None or self._keys is None or self._keys() is not cache.k
                 or model.__dict__.get("_cache_holder") is not self):
             return 0
-        n = 0
-        for a, b in zip(self.tokens, prompt):
-            if a != b:
-                break
-            n += 1
-        return min(n, len(prompt) - 1)
+        return min(common_prefix(self.tokens, prompt), len(prompt) - 1)
 
     def clear(self) -> None:
         self.tokens, self.reused, self._keys = [], 0, None
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _grow_cache(model: Transformer, batch: int, length: int, keep: int) -> None:
@@ -326,7 +331,7 @@ def decode_tokens(
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     total = prompt_len + max_new_tokens
     whole = bsz == 1 and bool(attention_mask.all())  # one unpadded prompt: the only kind a chat reuses
-    reuse = _take_cache(model, input_ids, total, cached if whole else None)
+    reuse = take_cache(model, input_ids, total, cached if whole else None)
     padding_mask, pad_count, positions = lay_out(attention_mask, model.cache_len)
     has_padding = bool(pad_count.any())
     generator, seen, counts = sampling_state(sampling, input_ids, attention_mask, model.config.vocab_size)
@@ -398,7 +403,7 @@ def decode_tokens(
             cached.tokens.append(int(sampled[0]))
 
 
-def _take_cache(model: Transformer, input_ids: torch.Tensor, total: int, cached: CachedPrefix | None) -> int:
+def take_cache(model: Transformer, input_ids: torch.Tensor, total: int, cached: CachedPrefix | None) -> int:
     """Size the KV cache for `total` slots and hand row 0 to `cached` (or to nobody); the prompt
     tokens row 0 already holds for it (not prefilled again)."""
     bsz = input_ids.shape[0]

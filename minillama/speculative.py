@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .errors import GenerationError
-from .generate import CACHE_ROUND, GenerationStats, SamplingConfig, lay_out, process_logits, sampling_state
+from .generate import GenerationStats, SamplingConfig, lay_out, process_logits, sampling_state, take_cache
 from .model import Transformer
 
 
@@ -226,14 +226,10 @@ def speculative_tokens(
     bsz, prompt_len = input_ids.shape
     device = model.input_device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    width = 1 + (proposer.tokens if isinstance(proposer, (PromptLookup, DraftModel)) else 0)
-    # room for every row's last round to write `width` slots past its end
-    cache_len = -(-(prompt_len + max_new_tokens + width) // CACHE_ROUND) * CACHE_ROUND
-    cache = model.kv_cache
-    if cache is None or cache.max_seq_len < cache_len or cache.k.shape[0] < bsz:
-        model.setup_cache(bsz, cache_len)
+    # room for every row's last round to write a guess-wide run past its end; no conversation holds
+    # row 0 afterwards (a chat's cached prefix is overwritten)
+    take_cache(model, input_ids, prompt_len + max_new_tokens + 1 + proposer.tokens, None)
     cache_len = model.cache_len
-    model.__dict__["_cache_holder"] = None  # a chat's cached conversation is overwritten
     padding_mask, pad_count, positions = lay_out(attention_mask, cache_len)
     has_padding = bool(pad_count.any())
     generator, seen, counts = sampling_state(sampling, input_ids, attention_mask, model.config.vocab_size)

@@ -124,6 +124,17 @@ def chat_turns(url: str, turns: int, new_tokens: int) -> dict[str, Any]:
     return {"ttft_s": ttfts, "reused_tokens": health.get("reused_tokens", 0)}
 
 
+def run_threads(client: Any, clients: int) -> float:
+    """Run client(0) .. client(clients - 1) at once, each on its own thread; seconds until all end."""
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
 def shared_system(url: str, clients: int, new_tokens: int) -> dict[str, Any]:
     """`clients` requests at once, each one shared ~1,000-token system prompt + its own question."""
     system = "You answer questions about this scene.\n" + passages(1, 4000)[0]
@@ -135,13 +146,7 @@ def shared_system(url: str, clients: int, new_tokens: int) -> dict[str, Any]:
                         {"role": "user", "content": f"Question {i}: who speaks about {TOPICS[i % len(TOPICS)]}?"}]
             out.append(one_request(http, url, "", new_tokens, messages))
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = run_threads(client, clients)
     return {"wall_s": wall, "tok_s": sum(r["tokens"] for r in out) / wall,
             "ttft_p50_s": statistics.median(r["ttft"] for r in out)}
 
@@ -230,13 +235,7 @@ def run_clients(url: str, clients: int, requests: int, new_tokens: int, extra: d
                 with lock:
                     results.append(r)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = run_threads(client, clients)
     if errors:
         sys.exit(f"{len(errors)} requests failed, e.g. {errors[0]}")
     ttft = sorted(r["ttft"] for r in results)
