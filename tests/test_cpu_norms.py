@@ -4,6 +4,8 @@ cannot be built."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -144,3 +146,24 @@ def test_build_failure_warns_once_and_keeps_the_output(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cpu.load() is None  # switched off: silent
+
+
+def test_a_later_process_loads_the_built_kernels_without_compiling():
+    """A warm start pays the import of one extension module (issue #30: under ~1 s), no compiler."""
+    code = ("import time; import torch; from minillama.kernels import cpu; t = time.perf_counter(); "
+            "m = cpu.load(); print(m is not None, round(time.perf_counter() - t, 3))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    loaded, seconds = out.stdout.split()
+    assert loaded == "True" and "building" not in out.stderr, out.stderr
+    assert float(seconds) < 1.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_and_inf_rows_match_the_torch_code(dtype):
+    x, res, w = _inputs(4, 600, dtype)
+    x[0, 3], x[1, 599], x[2, 10] = float("nan"), float("inf"), -float("inf")
+    with torch.no_grad():
+        for got, want in [(rms_norm(x, w, 1e-6), rms_torch(x, w, None, 1e-6, 0.0, False)[0]),
+                          (layer_norm(x, w, None, 1e-5), layer_torch(x, w, None, None, 1e-5)[0])]:
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+            assert got[3].isfinite().all()  # the clean row stays clean

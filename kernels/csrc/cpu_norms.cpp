@@ -14,49 +14,29 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
+#include <cstring>
 #include <bit>
-#if defined(__F16C__)
 #include <immintrin.h>
-#endif
-#include <vector>
+#include <type_traits>
 
 namespace {
 
-// The loops see raw element types, converted with plain integer/float arithmetic so that gcc and
-// clang vectorise them (c10's scalar BFloat16/Half conversions do not): bf16 as its uint16_t bits,
-// fp16 through the F16C instructions. Both round to nearest even, as torch does.
+// The loops see raw element types: bf16 as its uint16_t bits, fp16 as its bits converted by the
+// F16C instructions (every build here is AVX2 or AVX-512, which have them). Both round to nearest
+// even, as torch does. One element at a time (the sums' scalar tails); blocks below.
 using bf16_bits = uint16_t;
-struct half_bits {  // fp16 bits, converted by the F16C instructions where the build has them
+struct half_bits {
   uint16_t v;
 };
+constexpr int HALF_ROUND = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
 inline float load_f(float v) { return v; }
 inline float load_f(bf16_bits v) { return std::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
-#if defined(__F16C__)
 inline float load_f(half_bits h) { return _cvtsh_ss(h.v); }
-#else
-inline float load_f(half_bits h) { return static_cast<float>(c10::Half(h.v, c10::Half::from_bits())); }
-#endif
-
-template <typename T> inline T store_f(float v);
-template <> inline float store_f<float>(float v) { return v; }
-template <> inline bf16_bits store_f<bf16_bits>(float v) {
-  const uint32_t bits = std::bit_cast<uint32_t>(v);
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  return static_cast<bf16_bits>((bits & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);  // NaN stays NaN
-}
-#if defined(__F16C__)
-template <> inline half_bits store_f<half_bits>(float v) {
-  return {static_cast<uint16_t>(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))};
-}
-#else
-template <> inline half_bits store_f<half_bits>(float v) { return {c10::Half(v).x}; }
-#endif
 
 // torch's element type -> the raw type the loops use.
 template <typename T> struct Raw { using type = T; };
@@ -71,132 +51,217 @@ template <typename T> inline raw_t<T>* raw_mut(at::Tensor& t) {
   return reinterpret_cast<raw_t<T>*>(t.mutable_data_ptr<T>());
 }
 
-// torch's fp32 sum of a contiguous row (its cascade sum, aten/src/ATen/native/cpu/SumKernel.cpp),
-// replayed add for add, so mean(h^2) -- and with it every output -- is torch's to the last bit.
-// Its shape: the row as elements of L = 8 lanes (an AVX2 Vectorized<float>), in
-// four interleaved partial sums, each summed in levels of 2^p elements so that only partial sums
-// of similar size meet; then the scalar tail, then the lanes in order.
-inline int64_t ceil_log2(int64_t x) { return x <= 2 ? 1 : 64 - __builtin_clzll(static_cast<uint64_t>(x - 1)); }
+// The loops work on blocks of floats held as vectors (gcc/clang vector extensions: the arithmetic
+// is vector arithmetic whatever the auto-vectoriser decides), converted from and to the raw
+// element type a block at a time with the instructions for it (F16C for fp16, integer ops for
+// bf16). The sums replay torch's 8 lanes (f8); the other passes take 16 at a time (one AVX-512
+// register) where the build has AVX-512, 8 otherwise.
+typedef float f8 __attribute__((vector_size(32)));
+typedef float f16 __attribute__((vector_size(64)));
+#if defined(__AVX512F__)
+using fB = f16;
+#else
+using fB = f8;
+#endif
+constexpr int lanes_of(f8) { return 8; }
+constexpr int lanes_of(f16) { return 16; }
 
-template <int L>
-void four_sums(const float* in, int64_t row_stride, int64_t col_stride, int64_t size, float out[4][L]) {
-  constexpr int levels = 4;
-  const int64_t power = std::max<int64_t>(4, ceil_log2(size) / levels);
-  const int64_t step = int64_t(1) << power, mask = step - 1;
-  float acc[levels][4][L] = {};
-  auto add_row = [&](int64_t i) {
-    for (int k = 0; k < 4; ++k)
-      for (int l = 0; l < L; ++l) acc[0][k][l] += in[i * row_stride + k * col_stride + l];
-  };
-  int64_t i = 0;
-  while (i + step <= size) {
-    for (int64_t j = 0; j < step; ++j, ++i) add_row(i);
-    for (int j = 1; j < levels; ++j) {
-      for (int k = 0; k < 4; ++k)
-        for (int l = 0; l < L; ++l) {
-          acc[j][k][l] += acc[j - 1][k][l];
-          acc[j - 1][k][l] = 0.f;
-        }
-      if ((i & (mask << (j * power))) != 0) break;
-    }
+// Cvt<T>: 8 (and on AVX-512, 16) raw elements <-> fp32 lanes, rounding to nearest even.
+template <typename T> struct Cvt;
+template <> struct Cvt<float> {
+  static f8 load8(const float* s) { f8 v; std::memcpy(&v, s, sizeof v); return v; }
+  static void store8(f8 v, float* d) { std::memcpy(d, &v, sizeof v); }
+  static f16 load16(const float* s) { f16 v; std::memcpy(&v, s, sizeof v); return v; }
+  static void store16(f16 v, float* d) { std::memcpy(d, &v, sizeof v); }
+};
+// bf16 is the upper half of an fp32's bits; stored rounded to nearest even, a NaN kept a NaN.
+template <> struct Cvt<bf16_bits> {
+  static f8 load8(const bf16_bits* s) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+    return reinterpret_cast<f8>(_mm256_slli_epi32(wide, 16));
   }
-  for (; i < size; ++i) add_row(i);
-  for (int j = 1; j < levels; ++j)
-    for (int k = 0; k < 4; ++k)
-      for (int l = 0; l < L; ++l) acc[0][k][l] += acc[j][k][l];
-  for (int k = 0; k < 4; ++k)
-    for (int l = 0; l < L; ++l) out[k][l] = acc[0][k][l];
-}
-
-template <int L>  // `size` elements of L lanes, `stride` floats apart, summed lane by lane
-void row_sum(const float* in, int64_t stride, int64_t size, float out[L]) {
-  const int64_t quarter = size / 4;
-  float part[4][L];
-  four_sums<L>(in, 4 * stride, stride, quarter, part);
-  for (int64_t i = quarter * 4; i < size; ++i)
-    for (int l = 0; l < L; ++l) part[0][l] += in[i * stride + l];
-  for (int k = 1; k < 4; ++k)
-    for (int l = 0; l < L; ++l) part[0][l] += part[k][l];
-  for (int l = 0; l < L; ++l) out[l] = part[0][l];
-}
-
-template <int L>
-float torch_sum_lanes(const float* v, int64_t n) {
-  if (n < L) {  // too short for a vector: torch's scalar inner sum
-    float s[1];
-    row_sum<1>(v, 1, n, s);
-    return s[0];
+  static void store8(f8 v, bf16_bits* d) {
+    const __m256i bits = reinterpret_cast<__m256i>(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd), 16);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF)),
+                                           _mm256_set1_epi32(0x7F800000));
+    const __m256i out = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+    // the low 16 bits of each value (all < 2^16) from both 128-bit halves, in order
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d),
+                     _mm_packus_epi32(_mm256_castsi256_si128(out), _mm256_extracti128_si256(out, 1)));
   }
-  const int64_t whole = n / L;
-  float lanes[L];
-  row_sum<L>(v, L, whole, lanes);
-  float total = 0.f;
-  for (int64_t k = whole * L; k < n; ++k) total += v[k];
-  for (int l = 0; l < L; ++l) total += lanes[l];
-  return total;
+#if defined(__AVX512F__)
+  static f16 load16(const bf16_bits* s) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+    return reinterpret_cast<f16>(_mm512_slli_epi32(wide, 16));
+  }
+  static void store16(f16 v, bf16_bits* d) {
+    const __m512i bits = reinterpret_cast<__m512i>(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd), 16);
+    const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                  _mm512_set1_epi32(0x7F800000));
+    const __m512i out = _mm512_mask_blend_epi32(nan, rounded, _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), _mm512_cvtepi32_epi16(out));
+  }
+#endif
+};
+template <> struct Cvt<half_bits> {
+  static f8 load8(const half_bits* s) {
+    return reinterpret_cast<f8>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))));
+  }
+  static void store8(f8 v, half_bits* d) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm256_cvtps_ph(reinterpret_cast<__m256>(v), HALF_ROUND));
+  }
+#if defined(__AVX512F__)
+  static f16 load16(const half_bits* s) {
+    return reinterpret_cast<f16>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s))));
+  }
+  static void store16(f16 v, half_bits* d) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), _mm512_cvtps_ph(reinterpret_cast<__m512>(v), HALF_ROUND));
+  }
+#endif
+};
+
+template <typename Vec, typename T> inline Vec load(const T* s) {
+  if constexpr (lanes_of(Vec{}) == 8) return Cvt<T>::load8(s); else return Cvt<T>::load16(s);
+}
+template <typename Vec, typename T> inline void store(Vec v, T* d) {
+  if constexpr (lanes_of(Vec{}) == 8) Cvt<T>::store8(v, d); else Cvt<T>::store16(v, d);
 }
 
+// v rounded to T's precision and back (Llama rounds the normalised value to the model's dtype
+// before the gain multiplies it).
+template <typename T, typename Vec>
+inline Vec round_to(Vec v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    T tmp[lanes_of(Vec{})];
+    store<Vec>(v, tmp);
+    return load<Vec>(tmp);
+  }
+}
+
+// A block of the last k elements of a row (fewer than a block), zero-padded, so the tail runs
+// the same vector code.
+template <typename T>
+inline fB load_tail(const T* src, int64_t k) {
+  T tmp[lanes_of(fB{})] = {};
+  std::memcpy(tmp, src, k * sizeof(T));
+  return load<fB>(tmp);
+}
+template <typename T>
+inline void store_tail(fB v, T* dst, int64_t k) {
+  T tmp[lanes_of(fB{})];
+  store<fB>(v, tmp);
+  std::memcpy(dst, tmp, k * sizeof(T));
+}
+
+constexpr int V = 8;  // torch's lanes
+
+// torch's fp32 sum of a row (its cascade sum, aten/src/ATen/native/cpu/SumKernel.cpp), replayed
+// add for add, so mean(h^2) -- and with it every output -- is torch's to the last bit. The row is
+// read as vectors of 8 lanes (an AVX2 Vectorized<float>) in order, four at a time into four
+// interleaved partial sums, each summed in levels of 2^p vectors so that only partial sums of
+// similar size meet; then the vectors left over, the partial sums in order, the scalar tail, and
+// the lanes in order. Rows shorter than 8 are summed the same way one element at a time (torch's
+// scalar inner sum).
+//
 // Lanes of 8 on AVX-512 machines too: torch registers its sum kernel with REGISTER_DISPATCH, which
 // gives the AVX-512 dispatch level no kernel of its own, so those machines run the AVX2 one
 // (measured: a replay in lanes of 16 differs from torch.sum in the last bit on ~25% of rows).
-inline float torch_sum(const float* v, int64_t n) { return torch_sum_lanes<8>(v, n); }
+inline int64_t ceil_log2(int64_t x) { return x <= 2 ? 1 : 64 - __builtin_clzll(static_cast<uint64_t>(x - 1)); }
 
-// Row conversions between the raw element type and fp32: plain loops the compiler vectorises, and
-// for fp16 eight at a time with F16C (one scalar conversion per element is 4x slower).
-template <typename T>
-inline void to_float(const T* __restrict src, float* __restrict dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = load_f(src[j]);
-}
-template <typename T>
-inline void from_float(const float* __restrict src, T* __restrict dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = store_f<T>(src[j]);
-}
-#if defined(__F16C__)
-template <>
-inline void to_float<half_bits>(const half_bits* __restrict src, float* __restrict dst, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
-  for (; j < n; ++j) dst[j] = load_f(src[j]);
-}
-template <>
-inline void from_float<half_bits>(const float* __restrict src, half_bits* __restrict dst, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  for (; j < n; ++j) dst[j] = store_f<half_bits>(src[j]);
-}
-#endif
-
-// buf rounded to T's precision and back, in place (Llama rounds the normalised value to the
-// model's dtype before the gain multiplies it).
-template <typename T>
-inline void round_to(float* buf, T* scratch, int64_t n) {
-  if constexpr (!std::is_same_v<T, float>) {
-    from_float<T>(buf, scratch, n);
-    to_float<T>(scratch, buf, n);
-  }
-}
-
-// h = x (+ residual) into buf as fp32, rounded to T first as an unfused `x + residual` rounds it;
-// h is also stored when there is a residual.
-template <typename T>
-inline void load_row(const T* x, const T* r, T* h, float* __restrict buf, float* __restrict tmp, int64_t n) {
-  to_float<T>(x, buf, n);
-  if (r == nullptr) return;
-  if constexpr (std::is_same_v<T, half_bits>) {  // conversions in their own loops
-    to_float<T>(r, tmp, n);
-    for (int64_t j = 0; j < n; ++j) buf[j] += tmp[j];
-    from_float<T>(buf, h, n);
-    round_to<T>(buf, h, n);
-  } else {  // one loop: the conversions vectorise inline
-    for (int64_t j = 0; j < n; ++j) {
-      const T s = store_f<T>(buf[j] + load_f(r[j]));
-      h[j] = s;
-      buf[j] = load_f(s);
+// The sum, lane by lane, of get(0) .. get(size - 1): Vec is f8 (8 lanes) or float (one).
+template <typename Vec, typename Get>
+Vec cascade(Get&& get, int64_t size) {
+  constexpr int levels = 4;
+  const int64_t quarter = size / 4;
+  const int64_t power = std::max<int64_t>(4, ceil_log2(quarter) / levels);
+  const int64_t step = int64_t(1) << power, mask = step - 1;
+  Vec acc[levels][4] = {};
+  auto add_four = [&](int64_t i) {  // vectors 4i .. 4i+3, one into each partial sum
+    for (int k = 0; k < 4; ++k) acc[0][k] += get(4 * i + k);
+  };
+  int64_t i = 0;
+  while (i + step <= quarter) {
+    for (int64_t j = 0; j < step; ++j, ++i) add_four(i);
+    for (int j = 1; j < levels; ++j) {
+      for (int k = 0; k < 4; ++k) {
+        acc[j][k] += acc[j - 1][k];
+        acc[j - 1][k] = Vec{};
+      }
+      if ((i & (mask << (j * power))) != 0) break;
     }
   }
+  for (; i < quarter; ++i) add_four(i);
+  for (int j = 1; j < levels; ++j)
+    for (int k = 0; k < 4; ++k) acc[0][k] += acc[j][k];
+  for (int64_t r = quarter * 4; r < size; ++r) acc[0][0] += get(r);  // the vectors left over
+  for (int k = 1; k < 4; ++k) acc[0][0] += acc[0][k];
+  return acc[0][0];
+}
+
+// torch.sum of f(h[0..n)) in fp32, h of raw type T: f maps fp32 values (a block or one) to the
+// summands (identity, square, squared distance from the mean) as the row is read: no fp32 copy.
+template <typename T, typename F>
+float torch_sum(const T* __restrict h, int64_t n, F f) {
+  if (n < V)  // too short for a vector: torch's scalar inner sum
+    return cascade<float>([&](int64_t i) { return f(load_f(h[i])); }, n);
+  const int64_t whole = n / V;
+  const f8 lanes = cascade<f8>([&](int64_t i) { return f(load<f8>(h + i * V)); }, whole);
+  float total = 0.f;
+  for (int64_t k = whole * V; k < n; ++k) total += f(load_f(h[k]));
+  for (int l = 0; l < V; ++l) total += lanes[l];
+  return total;
+}
+
+// h = x + residual, rounded to T as an unfused `x + residual` rounds it, stored into h.
+template <typename T>
+inline void add_rows(const T* __restrict x, const T* __restrict r, T* __restrict h, int64_t n) {
+  constexpr int B = lanes_of(fB{});
+  int64_t j = 0;
+  for (; j + B <= n; j += B) store<fB>(load<fB>(x + j) + load<fB>(r + j), h + j);
+  if (j < n) store_tail<T>(load_tail<T>(x + j, n - j) + load_tail<T>(r + j, n - j), h + j, n - j);
+}
+
+// y = f(h, gain, bias) over a row, block by block, the gain and bias as fp32 rows (formed once
+// per call), so no buffer sits between the input and the output rows.
+template <typename T, typename Y, typename F>
+inline void map_row(const T* __restrict h, const float* __restrict g, const float* __restrict bias, Y* __restrict y,
+                    int64_t n, F f) {
+  constexpr int B = lanes_of(fB{});
+  int64_t j = 0;
+  for (; j + B <= n; j += B) store<fB>(f(load<fB>(h + j), load<fB>(g + j), bias ? load<fB>(bias + j) : fB{}), y + j);
+  if (j < n) {
+    const int64_t k = n - j;
+    store_tail<Y>(f(load_tail<T>(h + j, k), load_tail<float>(g + j, k), bias ? load_tail<float>(bias + j, k) : fB{}),
+                  y + j, k);
+  }
+}
+
+// A weight (or bias) row as fp32, `offset` added when `add` (Gemma's 1 + w, formed in fp32 as the
+// torch code forms it): the tensor's own data when it already is that, else a converted copy, on
+// the caller's stack when it fits (a decode step's one-row call then allocates nothing for it).
+constexpr int64_t STACK_ROW = 4096;
+struct Fp32Row {
+  alignas(64) float local[STACK_ROW];
+  at::Tensor keep;  // wider rows
+};
+template <typename W>
+const float* fp32_row(const at::Tensor& w, bool add, float offset, Fp32Row& out) {
+  const W* src = reinterpret_cast<const W*>(w.const_data_ptr());
+  if constexpr (std::is_same_v<W, float>)
+    if (!add) return src;
+  float* g = out.local;
+  if (w.numel() > STACK_ROW) {
+    out.keep = at::empty({w.numel()}, w.options().dtype(at::kFloat));
+    g = out.keep.mutable_data_ptr<float>();
+  }
+  for (int64_t j = 0; j < w.numel(); ++j) g[j] = add ? load_f(src[j]) + offset : load_f(src[j]);
+  return g;
 }
 
 struct Rows {
@@ -206,61 +271,45 @@ struct Rows {
 // Rows per task: enough work (~32K elements) that a thread hand-off pays; one row runs inline.
 inline int64_t grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
+// The row a norm reads: x's, or h = x + residual written to h first (it is an output anyway).
+template <typename T>
+inline const T* source_row(const T* x, const T* r, T* h, Rows d, int64_t i) {
+  if (r == nullptr) return x + i * d.sx;
+  add_rows<T>(x + i * d.sx, r + i * d.sr, h + i * d.n, d.n);
+  return h + i * d.n;
+}
+
 // T: x, residual and h; W: the weight; the output is W's dtype (promote(T, W) for the pairs taken).
-template <typename T, typename W>
-void rms_rows(const T* x, const T* r, T* h, const W* w, W* y, Rows d, float eps, float offset, bool fp32_gain) {
+template <typename T, typename W, bool Fp32Gain>
+void rms_rows(const T* x, const T* r, T* h, const float* gain, W* y, Rows d, float eps) {
   at::parallel_for(0, d.rows, grain(d.n), [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(d.n), tmp(d.n), gain(d.n);
-    std::vector<T> scratch(d.n);
-    to_float<W>(w, gain.data(), d.n);
-    for (auto& g : gain) g += offset;  // Gemma's 1 + w, formed in fp32
     for (int64_t i = begin; i < end; ++i) {
-      float* __restrict b = buf.data();
-      load_row<T>(x + i * d.sx, r ? r + i * d.sr : nullptr, h ? h + i * d.n : nullptr, b, tmp.data(), d.n);
+      const T* hi = source_row<T>(x, r, h, d, i);
       // torch: rsqrt(mean(h^2) + eps), mean = sum(h * h) / n, all fp32
-      for (int64_t j = 0; j < d.n; ++j) tmp[j] = b[j] * b[j];
-      const float rstd = 1.f / std::sqrt(torch_sum(tmp.data(), d.n) / static_cast<float>(d.n) + eps);
-      const float* __restrict g = gain.data();
-      W* __restrict yi = y + i * d.n;
-      if constexpr (std::is_same_v<T, half_bits> || std::is_same_v<W, half_bits>) {  // in passes over b
-        for (int64_t j = 0; j < d.n; ++j) b[j] *= rstd;
-        if (!fp32_gain) round_to<T>(b, scratch.data(), d.n);
-        for (int64_t j = 0; j < d.n; ++j) b[j] *= g[j];
-        from_float<W>(b, yi, d.n);
-      } else if (fp32_gain) {  // Gemma / OLMo 2: the fp32 value times the gain, one rounding
-        for (int64_t j = 0; j < d.n; ++j) yi[j] = store_f<W>(b[j] * rstd * g[j]);
-      } else {  // Llama: the normalised value rounded to h's dtype, then times the gain, rounded
-        for (int64_t j = 0; j < d.n; ++j) yi[j] = store_f<W>(load_f(store_f<T>(b[j] * rstd)) * g[j]);
-      }
+      const float ss = torch_sum<T>(hi, d.n, [](auto v) { return v * v; });
+      const float rstd = 1.f / std::sqrt(ss / static_cast<float>(d.n) + eps);
+      map_row<T, W>(hi, gain, nullptr, y + i * d.n, d.n, [&](fB v, fB g, fB) {
+        v *= rstd;
+        if constexpr (!Fp32Gain) v = round_to<T>(v);  // Llama: rounded to h's dtype before the gain
+        return v * g;
+      });
     }
   });
 }
 
-template <typename T, typename W>
-void layer_rows(const T* x, const T* r, T* h, const W* w, const W* bias, T* y, Rows d, float eps) {
+template <typename T>
+void layer_rows(const T* x, const T* r, T* h, const float* gain, const float* bias, T* y, Rows d, float eps) {
   at::parallel_for(0, d.rows, grain(d.n), [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(d.n), tmp(d.n), gain(d.n), beta(d.n, 0.f);
-    to_float<W>(w, gain.data(), d.n);
-    if (bias) to_float<W>(bias, beta.data(), d.n);
     for (int64_t i = begin; i < end; ++i) {
-      float* __restrict b = buf.data();
-      load_row<T>(x + i * d.sx, r ? r + i * d.sr : nullptr, h ? h + i * d.n : nullptr, b, tmp.data(), d.n);
-      // two passes over the fp32 row (in cache): the mean, then the variance around it
-      const float mean = torch_sum(b, d.n) / static_cast<float>(d.n);
-      for (int64_t j = 0; j < d.n; ++j) {
-        b[j] -= mean;
-        tmp[j] = b[j] * b[j];
-      }
-      const float rstd = 1.f / std::sqrt(torch_sum(tmp.data(), d.n) / static_cast<float>(d.n) + eps);
-      const float* __restrict g = gain.data();
-      const float* __restrict be = beta.data();
-      if constexpr (std::is_same_v<T, half_bits>) {
-        for (int64_t j = 0; j < d.n; ++j) b[j] = b[j] * rstd * g[j] + be[j];
-        from_float<T>(b, y + i * d.n, d.n);
-      } else {
-        T* __restrict yi = y + i * d.n;
-        for (int64_t j = 0; j < d.n; ++j) yi[j] = store_f<T>(b[j] * rstd * g[j] + be[j]);
-      }
+      const T* hi = source_row<T>(x, r, h, d, i);
+      // the mean, then the variance around it (no E[h^2] - E[h]^2 cancellation), both torch's sums
+      const float mean = torch_sum<T>(hi, d.n, [](auto v) { return v; }) / static_cast<float>(d.n);
+      const float var = torch_sum<T>(hi, d.n, [mean](auto v) { return (v - mean) * (v - mean); });
+      const float rstd = 1.f / std::sqrt(var / static_cast<float>(d.n) + eps);
+      map_row<T, T>(hi, gain, bias, y + i * d.n, d.n, [&](fB v, fB g, fB be) {
+        v = (v - mean) * rstd * g;
+        return bias ? v + be : v;  // no `+ 0`: a -0.0 stays -0.0, as in the torch code without a bias
+      });
     }
   });
 }
@@ -310,9 +359,15 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
   dispatch(x.scalar_type(), w.scalar_type(), [&](auto t, auto wt) {
     using T = decltype(t);
     using W = decltype(wt);
-    rms_rows<raw_t<T>, raw_t<W>>(raw<T>(x2), r2 ? raw<T>(*r2) : nullptr, residual ? raw_mut<T>(h) : nullptr,
-                                 raw<W>(w), raw_mut<W>(y), d, static_cast<float>(eps), static_cast<float>(offset),
-                                 fp32_gain);
+    // the torch code adds the offset to an fp32 gain always, to the plain weight only when non-zero
+    Fp32Row row;
+    const float* gain = fp32_row<raw_t<W>>(w, fp32_gain || offset != 0, static_cast<float>(offset), row);
+    auto run = [&](auto fp32) {
+      rms_rows<raw_t<T>, raw_t<W>, decltype(fp32)::value>(raw<T>(x2), r2 ? raw<T>(*r2) : nullptr,
+                                                          residual ? raw_mut<T>(h) : nullptr, gain, raw_mut<W>(y), d,
+                                                          static_cast<float>(eps));
+    };
+    fp32_gain ? run(std::true_type{}) : run(std::false_type{});
   });
   return {y, h};
 }
@@ -334,21 +389,21 @@ std::tuple<at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, const at::Ten
   dispatch(x.scalar_type(), w.scalar_type(), [&](auto t, auto wt) {
     using T = decltype(t);
     using W = decltype(wt);
-    layer_rows<raw_t<T>, raw_t<W>>(raw<T>(x2), r2 ? raw<T>(*r2) : nullptr, residual ? raw_mut<T>(h) : nullptr,
-                                   raw<W>(w), b.defined() ? raw<W>(b) : nullptr, raw_mut<T>(y), d,
-                                   static_cast<float>(eps));
+    Fp32Row w_row, b_row;
+    const float* gain = fp32_row<raw_t<W>>(w, false, 0.f, w_row);
+    const float* beta = b.defined() ? fp32_row<raw_t<W>>(b, false, 0.f, b_row) : nullptr;
+    layer_rows<raw_t<T>>(raw<T>(x2), r2 ? raw<T>(*r2) : nullptr, residual ? raw_mut<T>(h) : nullptr, gain, beta,
+                         raw_mut<T>(y), d, static_cast<float>(eps));
   });
   return {y, h};
 }
 
 }  // namespace
 
-TORCH_LIBRARY(minillama_cpu, m) {
-  m.def("rms_norm(Tensor x, Tensor weight, Tensor? residual, float eps, float offset, bool fp32_gain) -> (Tensor, Tensor)");
-  m.def("layer_norm(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, float eps) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(minillama_cpu, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("layer_norm", &layer_norm);
+// A plain Python module, not a torch.ops library: the kernels run only in eager inference (never
+// under compile, export or autograd), where a pybind11 call costs ~1.5 us less than the
+// dispatcher's, and a decode step makes dozens of one-row calls.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "(y, h or None) = rms_norm(x, weight, residual, eps, offset, fp32_gain)");
+  m.def("layer_norm", &layer_norm, "(y, h or None) = layer_norm(x, weight, bias, residual, eps)");
 }
