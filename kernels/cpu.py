@@ -30,7 +30,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 
 from . import _common
 
@@ -52,6 +51,7 @@ _CAPABILITY = torch.backends.cpu.get_cpu_capability()
 _replayable = _CAPABILITY.startswith(("AVX2", "AVX512"))
 # Calls by kernel name (tests assert the fast path really ran, as LAUNCHES does for Triton).
 CALLS: dict[str, int] = {"rms_norm": 0, "layer_norm": 0}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _build_dir() -> Path:
@@ -133,7 +133,12 @@ def applies(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
             residual is not None and residual.requires_grad) or (bias is not None and bias.requires_grad)):
         return False
-    if type(x) is not torch.Tensor and isinstance(x, FakeTensor):  # FakeTensor is a subclass
+    # Plain tensors only: the module reads their memory directly, which a subclass (FakeTensor, an
+    # AsyncCollectiveTensor whose all-reduce is still in flight under tensor parallelism, a
+    # DTensor) may not hold; those take the torch code and dispatch as usual.
+    if type(x) is not torch.Tensor or (residual is not None and type(residual) is not torch.Tensor):
+        return False
+    if type(weight) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
         return False
     return load() is not None
 

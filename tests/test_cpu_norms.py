@@ -167,3 +167,23 @@ def test_nan_and_inf_rows_match_the_torch_code(dtype):
                           (layer_norm(x, w, None, 1e-5), layer_torch(x, w, None, None, 1e-5)[0])]:
             torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
             assert got[3].isfinite().all()  # the clean row stays clean
+
+
+def test_tensor_subclasses_take_the_torch_code():
+    """The module reads memory directly; a subclass (an in-flight AsyncCollectiveTensor under tensor
+    parallelism, FakeTensor, DTensor) dispatches through the torch code instead."""
+
+    class Wrapped(torch.Tensor):
+        pass
+
+    x, res, w = _inputs(4, 576, torch.bfloat16)
+    before = cpu.CALLS["rms_norm"]
+    with torch.inference_mode():
+        y, h = rms_norm(x, w, 1e-6, residual=res.as_subclass(Wrapped))
+        y2 = rms_norm(x.as_subclass(Wrapped), torch.nn.Parameter(w, requires_grad=False), 1e-6)
+        want, want_h, _ = rms_torch(x, w, res, 1e-6, 0.0, False)
+    assert cpu.CALLS["rms_norm"] == before + 0 and torch.equal(y, want) and torch.equal(h, want_h)
+    assert torch.equal(y2, rms_torch(x, w, None, 1e-6, 0.0, False)[0])
+    with torch.inference_mode():
+        rms_norm(x, torch.nn.Parameter(w, requires_grad=False), 1e-6)  # a Parameter weight: the kernel
+    assert cpu.CALLS["rms_norm"] == before + 1
