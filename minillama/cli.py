@@ -78,7 +78,8 @@ def unescape(text: str) -> str:
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     """Generation options from flags, validated before any model is loaded."""
-    from .generate import SamplingConfig, check_count, check_stop_strings
+    from .generate import SamplingConfig, check_count
+    from .stopping import check_stop_strings
 
     if args.max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

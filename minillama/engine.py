@@ -23,8 +23,9 @@ unit is the row (llama.cpp's slot cache): a paged cache would hash blocks of tok
 or keep a radix tree of them (SGLang), sharing one prefix between rows without copies; the choice
 of row (`_pick_row`) is where such a cache would plug in.
 
-Sampling and stopping are generate.py's (SamplingConfig, process_logits, sample, TextStream), per
-request, so a request decodes the tokens it would decode alone. The engine runs on one thread
+Sampling is generate.py's (SamplingConfig, process_logits, sample) and stopping stopping.py's
+(a RowStop per request: EOS, stop strings, its grammar, max_tokens), so a request decodes and
+ends as it would alone. The grammar masks of a step's structured rows are computed together. The engine runs on one thread
 (`start`); `submit` and `cancel` may be called from any other.
 """
 
@@ -41,9 +42,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import GenerationError
-from .generate import (SamplingConfig, TextStream, check_count, check_logit_bias, check_stop_strings,
-                       common_prefix, eos_ids, process_logits, sample, seen_tokens)
+from .generate import (SamplingConfig, check_count, check_logit_bias, common_prefix, eos_ids, process_logits,
+                       sample, seen_tokens)
 from .model import Transformer, check_token_ids
+from .stopping import RowStop, check_stop_strings
 from .structured import Grammar, GrammarState, mask_logits
 
 log = logging.getLogger("minillama.engine")
@@ -114,7 +116,7 @@ class Request:
     finished: float | None = None
     cancelled: bool = False
     # per-request sampling state, set at prefill
-    _text: TextStream | None = None
+    _stop: RowStop | None = None  # when it ends (EOS, stop strings, its grammar, max_tokens), and its text
     _generator: torch.Generator | None = None
     _seen: torch.Tensor | None = None
     _counts: torch.Tensor | None = None  # [1, V] generated-token counts (presence/frequency penalties)
@@ -281,9 +283,22 @@ class Engine:
             for i in decoding:
                 self._fail(i, self.rows[i], e, "decode step")
             return
+        allowed = self._mask_batch(logits, decoding)
         for i in decoding:
             self.rows[i]._written = positions[i] + 1
-            self._accept(i, self.rows[i], logits[i:i + 1])
+            self._accept(i, self.rows[i], logits[i:i + 1], None if allowed is None else allowed[i:i + 1])
+
+    def _mask_batch(self, logits: torch.Tensor, decoding: list[int]) -> torch.Tensor | None:
+        """The step's logits [B, V] with every structured row's grammar mask applied, all rows' masks
+        computed at once; None when no row has a grammar, or when computing them failed (each row
+        then masks on its own in _accept, so only a broken row fails)."""
+        states = [self.rows[i]._grammar if i in decoding else None for i in range(logits.shape[0])]
+        if all(s is None for s in states):
+            return None
+        try:
+            return mask_logits(logits.clone(), states)
+        except Exception:  # noqa: BLE001 - see the docstring
+            return None
 
     def _fail(self, row: int | None, request: Request, e: Exception, what: str) -> None:
         log.error("request %d: %s failed: %s: %s", request.id, what, type(e).__name__, e)
@@ -302,7 +317,6 @@ class Engine:
                 self._finish(None, request, None)
                 continue
             sampling = request.sampling
-            request._text = TextStream(self.tokenizer, request.stop)
             if sampling.seed is not None and not sampling.greedy:
                 request._generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
             if sampling.repetition_penalty != 1.0:
@@ -312,6 +326,8 @@ class Engine:
                 request._counts = torch.zeros(1, self.model.config.vocab_size, device=self.device)
             if request.grammar is not None:
                 request._grammar = request.grammar.state()
+            request._stop = RowStop(self.tokenizer, request.stop, self.eos, request.max_tokens, request._grammar,
+                                    request.ignore_eos)
             # echo scores every prompt token, so it prefills them all
             row, shared = self._pick_row(request.prompt, reuse=self.prefix_reuse and not request.echo)
             source, live = self._live_prefix(request.prompt) if self.prefix_reuse and not request.echo else (None, 0)
@@ -403,11 +419,13 @@ class Engine:
             targets = torch.tensor(prompt[start + a + 1:start + b + 1], device=h.device)
             request.prompt_logprobs += token_logprobs(self.model.logits(h[a:b]), targets, request.logprobs)
 
-    def _accept(self, row: int, request: Request, logits: torch.Tensor) -> None:
-        """Sample the request's next token from its logits [1, V]; emit its text; end it when it is done."""
+    def _accept(self, row: int, request: Request, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> None:
+        """Sample the request's next token from its logits [1, V] (`allowed`: the same with its grammar
+        mask applied, when the step computed it); emit its text; end it when it is done."""
         sampling = request.sampling
         try:
-            allowed = logits if request._grammar is None else mask_logits(logits.clone(), [request._grammar])
+            if allowed is None:
+                allowed = logits if request._grammar is None else mask_logits(logits.clone(), [request._grammar])
             token = int(sample(process_logits(allowed, sampling, request._seen, request._counts), sampling,
                                request._generator))
             if request._grammar is not None:
@@ -421,20 +439,16 @@ class Engine:
             entry = token_logprobs(logits, torch.tensor([token], device=logits.device), request.logprobs)[0]
             request.sampled_logprobs.append(entry)
             request._pending.append(entry)
-        if token in self.eos and (not request.ignore_eos or request._grammar is not None):
-            self._finish(row, request, Event(request._text.flush(), "stop"))
-            return
-        request.tokens.append(token)
-        request._last = token
-        if request._seen is not None:
-            request._seen[0, token] = True
-        if request._counts is not None:
-            request._counts[0, token] += 1
-        text = request._text.push(token)
-        if request._text.stopped or (request._grammar is not None and request._grammar.stopped):
-            self._finish(row, request, Event(text + request._text.flush(), "stop"))
-        elif len(request.tokens) >= request.max_tokens:
-            self._finish(row, request, Event(text + request._text.flush(), "length"))
+        text, finish, kept = request._stop.push(token)
+        if kept:
+            request.tokens.append(token)
+            request._last = token
+            if request._seen is not None:
+                request._seen[0, token] = True
+            if request._counts is not None:
+                request._counts[0, token] += 1
+        if finish is not None:
+            self._finish(row, request, Event(text, finish))
         elif text:
             self._emit(request, Event(text))
 

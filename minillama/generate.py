@@ -18,6 +18,7 @@ import torch
 from .compiled import compile_parts, compiled
 from .errors import GenerationError
 from .model import Transformer, check_token_ids
+from .stopping import IncrementalDecoder, StopStrings, check_stop_strings
 from .structured import advance_states, mask_logits
 
 # Cache lengths are rounded up so that successive calls reuse one allocation (and one compiled graph).
@@ -249,27 +250,6 @@ def left_pad(
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long).reshape(len(rows), width)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long).reshape(ids.shape)
     return ids, mask
-
-
-class IncrementalDecoder:
-    """Turns one row's token ids into text pieces, never splitting a multi-byte character.
-
-    Decoding the whole continuation each time (not token by token) keeps tokenizers' spacing
-    rules right; a trailing U+FFFD means an unfinished UTF-8 sequence, so that text waits.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""  # everything emitted so far
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.text = text[len(self.text):], text
-        return piece
 
 
 def lay_out(attention_mask: torch.Tensor, cache_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -509,68 +489,6 @@ def check_logit_bias(sampling: SamplingConfig, vocab_size: int) -> None:
     bad = [t for t in sampling.logit_bias or {} if t >= vocab_size]
     if bad:
         raise GenerationError(f"logit_bias: {bad[0]} is not a token id (the vocabulary has {vocab_size})")
-
-
-def check_stop_strings(stops: Sequence[str] | str) -> list[str]:
-    """The stop strings as a list; GenerationError for an empty one (it would match before any text)."""
-    stops = [stops] if isinstance(stops, str) else list(stops)
-    for s in stops:
-        if not isinstance(s, str):
-            raise GenerationError(f"stop strings must be text, got {s!r}")
-        if not s:
-            raise GenerationError("empty stop string: it would stop before the first token; drop it")
-    return stops
-
-
-class TextStream:
-    """One row's new text, piece by piece, ending at the first stop string.
-
-    As in OpenAI's API the stop string is not part of the text: text that could still be the start
-    of one is held back until a later token shows it is not (or `flush` ends the row).
-    """
-
-    def __init__(self, tokenizer: Any, stops: Sequence[str] = ()) -> None:
-        self.stops = check_stop_strings(stops)
-        self.decoder = IncrementalDecoder(tokenizer)
-        self.sent = 0  # characters of decoder.text handed out so far
-        self.stopped = False  # a stop string was found
-
-    def push(self, token_id: int) -> str:
-        """The text that token makes safe to show ("" while a character or a stop string is unfinished)."""
-        if self.stopped:
-            return ""
-        self.decoder.push(token_id)
-        text = self.decoder.text
-        # Held-back text is never shown, so a stop string cannot begin before `sent`.
-        found = [i for i in (text.find(s, self.sent) for s in self.stops) if i >= 0]
-        if found:
-            end, self.stopped = min(found), True
-        else:
-            end = len(text) - max((k for s in self.stops for k in range(len(s) - 1, 0, -1)
-                                   if text.endswith(s[:k])), default=0)
-        piece, self.sent = text[self.sent:end], max(self.sent, end)
-        return piece
-
-    def flush(self) -> str:
-        """The rest of the text, once the row has ended for another reason (EOS, length): an
-        unfinished character at the end is now final, and decodes as the tokenizer decodes it."""
-        if self.stopped:
-            return ""
-        text = self.decoder.tokenizer.decode(self.decoder.ids, skip_special_tokens=True)
-        piece, self.sent = text[self.sent:], len(text)
-        return piece
-
-
-class StopStrings:
-    """should_stop callback: a row stops once its new text contains any of `stops`."""
-
-    def __init__(self, tokenizer: Any, stops: Sequence[str], batch: int) -> None:
-        self.rows = [TextStream(tokenizer, stops) for _ in range(batch)]
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        for row, token in zip(self.rows, tokens.tolist()):
-            row.push(token)
-        return torch.tensor([row.stopped for row in self.rows], device=tokens.device)
 
 
 def generate_tokens(

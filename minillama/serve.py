@@ -30,7 +30,8 @@ from starlette.exceptions import HTTPException
 
 from .engine import MAX_LOGPROBS, Engine, Event, QueueFull, Request, TokenLogprob
 from .errors import GenerationError, MinillamaError
-from .generate import SamplingConfig, check_stop_strings
+from .generate import SamplingConfig
+from .stopping import check_stop_strings
 from .structured import Grammar
 from .tokenizer import encode_prompt
 

@@ -125,13 +125,28 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 
+_executor = None
+
+
 def allowed_tokens(states: Sequence[GrammarState], vocab_size: int) -> torch.Tensor:
-    """bool [len(states), V]: which tokens each state allows next (computed on the CPU)."""
-    bitmask = torch.full((len(states), (vocab_size + 31) // 32), -1, dtype=torch.int32)
-    for row, state in zip(bitmask, states):
-        # llguidance.torch's fill_next_token_bitmask does this too, but importing that module
-        # runs torch.compile's decorator (~2 s of torch._dynamo import) for a helper we do not use.
-        state.matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+    """bool [len(states), V]: which tokens each state allows next (computed on the CPU).
+
+    Several rows are computed at once by llguidance's own thread pool (outside the GIL), one row
+    on the calling thread. (llguidance.torch's fill_next_token_bitmask[_par] does this too, but
+    importing that module runs torch.compile's decorator: ~2 s of Dynamo import for two helpers.)
+    """
+    global _executor
+    words = (vocab_size + 31) // 32
+    bitmask = torch.full((len(states), words), -1, dtype=torch.int32)
+    if len(states) == 1:
+        states[0].matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), words * 4)
+    else:
+        if _executor is None:
+            import llguidance
+
+            _executor = llguidance.LLExecutor()
+        _executor.unsafe_compute_mask_ptr([(s.matcher, i) for i, s in enumerate(states)], bitmask.data_ptr(),
+                                          words * 4, len(states))
     return unpack_bitmask(bitmask, vocab_size)
 
 

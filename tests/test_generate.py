@@ -11,7 +11,8 @@ from transformers.generation import logits_process as hf_lp
 
 import minillama
 from minillama import GenerationError
-from minillama.generate import IncrementalDecoder, SamplingConfig, generate, process_logits, stream
+from minillama.generate import SamplingConfig, generate, process_logits, stream
+from minillama.stopping import IncrementalDecoder
 
 PROMPTS = [[5, 17, 3], [9, 8, 7, 6, 5, 4, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
 # The model of the compiled-step tests (one compile cache serves them all): Gemma 2 puts the most

@@ -77,6 +77,13 @@ def test_the_mask_allows_exactly_what_the_grammar_accepts(tiny) -> None:
     logits = torch.zeros(2, model.config.vocab_size)
     mask_logits(logits, [None, state])
     assert logits[0].eq(0).all() and logits[1].isfinite().eq(allowed).all()
+    # several rows at once (llguidance's thread pool): each row's mask as computed alone
+    fresh, other = grammar.state(), Grammar(TINY, tok, model.config.vocab_size, [tok.eos_token_id]).state()
+    for t in tok('{"').input_ids:
+        other.advance(t)
+    together = allowed_tokens([fresh, state, other], model.config.vocab_size)
+    assert torch.equal(together, torch.cat([allowed_tokens([s], model.config.vocab_size) for s in (fresh, state, other)]))
+    assert torch.equal(together[1], allowed) and not torch.equal(together[0], together[2])
     state.advance(tok("2").input_ids[0])
     state.advance(tok("}").input_ids[0])
     assert state.complete and state.stopped

@@ -12,13 +12,16 @@ Two scenarios measure prefix reuse, each run against a server with it and one wi
 history resent every turn, as chat clients do; time to first token per turn), and `--scenario
 system`, `--clients` clients at once behind one shared ~1,000-token system prompt (aggregate tok/s).
 `--scenario structured` compares decode throughput with a JSON schema (`response_format`) against
-free text at each client count.
+free text at each client count; with `--in-process`, the serving engine alone (no HTTP, no client
+threads sharing the cores), the same prompts and schema, each client count as that many requests
+decoded together.
 
     python tools/bench_serve.py                       # embedded SmolLM2, 1/2/4/8 clients
     python tools/bench_serve.py --clients 1,8,16 --max-batch 16 --json serve.json
     python tools/bench_serve.py --scenario chat --dtype bfloat16 --turns 8
     python tools/bench_serve.py --scenario system --dtype bfloat16 --clients 8
     python tools/bench_serve.py --scenario structured --dtype bfloat16 --clients 1,8
+    python tools/bench_serve.py --scenario structured --dtype bfloat16 --clients 1,8 --in-process
 """
 
 from __future__ import annotations
@@ -187,27 +190,69 @@ LONG_SCHEMA = {"type": "object", "properties": {"lines": {"type": "array", "item
                                                           "minItems": 64}}, "required": ["lines"]}
 
 
+def in_process_runner(args: argparse.Namespace) -> Any:
+    """run(clients, json: bool) -> {"tok_s"}: `clients` requests decoded together by the serving
+    engine in this process (no HTTP), free text or under LONG_SCHEMA."""
+    from minillama.engine import Engine, Request
+    from minillama.generate import SamplingConfig
+    from minillama.structured import Grammar
+
+    directory = model_path(args.model)
+    model = minillama.from_pretrained(directory, dtype=args.dtype, device=args.device)
+    tok = minillama.load_tokenizer(directory)
+    engine = Engine(model, tok, max_batch=args.max_batch, max_seq_len=512)
+    grammar = Grammar(LONG_SCHEMA, tok, model.config.vocab_size, sorted(engine.eos))
+
+    def run(clients: int, structured: bool) -> dict[str, float]:
+        requests = []
+        for i in range(clients):
+            messages = [{"role": "user", "content": f"Write a short poem about {TOPICS[i % len(TOPICS)]}."}]
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+            requests.append(Request(list(ids), args.new_tokens, SamplingConfig(), ignore_eos=True,
+                                    grammar=grammar if structured else None))
+            engine.submit(requests[-1])
+        while any(r._filled < len(r.prompt) for r in requests):
+            engine.step()  # admit and prefill every request: decode alone is timed
+        start, done = time.perf_counter(), sum(len(r.tokens) for r in requests)
+        while any(r.finished is None for r in requests):
+            engine.step()
+        return {"tok_s": (sum(len(r.tokens) for r in requests) - done) / (time.perf_counter() - start)}
+
+    return run
+
+
 def structured_scenario(args: argparse.Namespace) -> None:
-    """Decode rate with response_format json_schema against free text, on one server, at each client count."""
-    server, url = start_server(args)
-    fmt = {"response_format": {"type": "json_schema", "json_schema": {"name": "lines", "schema": LONG_SCHEMA}}}
+    """Decode rate with response_format json_schema against free text, on one server (or the engine
+    in-process), at each client count."""
+    if args.in_process:
+        run = in_process_runner(args)
+        server = None
+    else:
+        server, url = start_server(args)
+        fmt = {"response_format": {"type": "json_schema", "json_schema": {"name": "lines", "schema": LONG_SCHEMA}}}
+
+        def run(clients: int, structured: bool) -> dict[str, Any]:
+            return run_clients(url, clients, args.requests, args.new_tokens, fmt if structured else None)
     rows = []
     try:
-        run_clients(url, 1, 1, 8)  # warm-up
-        run_clients(url, 1, 1, 8, fmt)  # and the tokenizer's grammar view (built once)
+        run(1, False)  # warm-up
+        run(1, True)  # and the tokenizer's grammar view (built once)
         for clients in (int(c) for c in args.clients.split(",")):
             # interleaved, `--repeats` times each: the machine's drift falls on both alike
             runs: dict[str, list] = {"free": [], "json": []}
             for _ in range(args.repeats):
-                runs["free"].append(run_clients(url, clients, args.requests, args.new_tokens))
-                runs["json"].append(run_clients(url, clients, args.requests, args.new_tokens, fmt))
+                runs["free"].append(run(clients, False))
+                runs["json"].append(run(clients, True))
             rows.append({"clients": clients, **{k: {"tok_s": statistics.median(r["tok_s"] for r in v),
                                                     "tok_s_all": [r["tok_s"] for r in v]} for k, v in runs.items()}})
     finally:
-        server.terminate()
-        server.wait(60)
-    print(f"# structured output: {args.requests} streaming chat requests per client, {args.new_tokens} new tokens "
-          "each (greedy, EOS ignored); JSON schema: an object of >= 64 strings\n")
+        if server is not None:
+            server.terminate()
+            server.wait(60)
+    what = ("the serving engine in-process, each client count as that many requests decoded together" if args.in_process
+            else f"{args.requests} streaming chat requests per client")
+    print(f"# structured output: {what}, {args.new_tokens} new tokens each (greedy, EOS ignored); JSON schema: "
+          "an object of >= 64 strings\n")
     print(f"| clients | free text tok/s (median of {args.repeats}; all) | JSON schema tok/s | JSON / free |")
     print("|---|---|---|---|")
     for r in rows:
@@ -261,6 +306,8 @@ def main() -> None:
                         "structured: response_format json_schema against free text")
     p.add_argument("--turns", type=int, default=8, help="--scenario chat: turns of the conversation")
     p.add_argument("--repeats", type=int, default=3, help="--scenario structured: interleaved runs of each kind")
+    p.add_argument("--in-process", action="store_true",
+                   help="--scenario structured: time the serving engine in this process instead of over HTTP")
     args = p.parse_args()
     if args.scenario != "clients":
         model_path(args.model)  # converts the embedded model once, before any timing
