@@ -102,6 +102,8 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
                    min_p=sampling.min_p, repetition_penalty=sampling.repetition_penalty, seed=sampling.seed,
                    stop=stop or None, presence_penalty=sampling.presence_penalty,
                    frequency_penalty=sampling.frequency_penalty, json_schema=schema, compile=args.compile)
+    if args.draft_compile and args.draft is None:
+        raise GenerationError("--draft-compile compiles the --draft model's steps: give --draft DIR too")
     if args.prompt_lookup is not None or args.draft is not None:
         from .speculative import PromptLookup
 
@@ -109,7 +111,8 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
             raise GenerationError("--prompt-lookup and --draft are two ways to guess tokens: choose one")
         for flag, value in (("--compile", args.compile), ("--json-schema", schema)):
             if value:
-                raise GenerationError(f"speculative decoding (--prompt-lookup / --draft) does not combine with {flag} yet")
+                raise GenerationError(f"speculative decoding (--prompt-lookup / --draft) does not combine with {flag} yet"
+                                      + (" (--draft-compile compiles the draft)" if flag == "--compile" else ""))
         check_count(args.draft_tokens, "--draft-tokens")
         if args.prompt_lookup is not None:
             options["speculative"] = PromptLookup(tokens=check_count(args.prompt_lookup, "--prompt-lookup"))
@@ -129,7 +132,7 @@ def _attach_draft(args: argparse.Namespace, tokenizer: Any, options: dict[str, A
     if load_tokenizer(draft_dir).get_vocab() != tokenizer.get_vocab():
         raise GenerationError(f"--draft {args.draft}: its tokenizer is not the model's (the vocabularies differ)")
     draft = from_pretrained(draft_dir, dtype=args.dtype, device=args.device, quantize=args.draft_quantize)
-    options["speculative"] = DraftModel(draft, args.draft_tokens)
+    options["speculative"] = DraftModel(draft, args.draft_tokens, compile=args.draft_compile)
 
 
 def _stream_reply(model: Any, tokenizer: Any, ids: list[int], args: argparse.Namespace,
@@ -519,6 +522,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding with this smaller model (same tokenizer) guessing the tokens")
     p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft guesses a step")
     p.add_argument("--draft-quantize", default=None, metavar="MODE", help="load the draft quantized (e.g. int8)")
+    p.add_argument("--draft-compile", action="store_true",
+                   help="compile the draft's one-token steps (batch 1; cached on disk like --compile's)")
     p.add_argument("--system", default=None, help="system message (chat template only)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="use the tokenizer's chat template (default: when it has one)")

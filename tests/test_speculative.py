@@ -190,3 +190,32 @@ def test_every_family_and_a_quantized_model(make_hf, name: str) -> None:
         return
     assert generate(model, PROMPTS, 24, eos_token_id=[], speculative=PromptLookup(4)).tolist() \
         == _plain(model, PROMPTS, 24).tolist()
+
+
+def test_a_compiled_draft_steps_through_the_compiled_decode_step(models, monkeypatch) -> None:
+    """DraftModel(compile=True) at batch 1 calls the compiled step with generate's convention (one
+    shared slot, the padding mask, no kv_len); here the "compiled" step is the eager model behind a
+    counter (the real library is generate's, tested in test_generate), so the plumbing is what runs."""
+    from minillama import speculative
+
+    calls = []
+
+    def fake_compiled(model, part):
+        assert part == "decode"
+
+        def step(ids, slot, *, position_ids, padding_mask, validate):
+            assert ids.shape == (1, 1) and slot.shape == (1,) and padding_mask is not None
+            calls.append(int(slot))
+            return model(ids, slot, position_ids=position_ids, padding_mask=padding_mask, validate=validate)
+        return step
+
+    monkeypatch.setattr(speculative, "compiled", fake_compiled)
+    target, draft = models["target"], models["draft"]
+    want = _plain(target, PROMPTS[:1], 24)
+    got = _plain(target, PROMPTS[:1], 24, speculative=DraftModel(draft, 3, compile=True))
+    assert torch.equal(got, want) and len(calls) > 10
+    calls.clear()
+    batched = _plain(target, PROMPTS, 12, speculative=DraftModel(draft, 3, compile=True))
+    assert torch.equal(batched, _plain(target, PROMPTS, 12)) and not calls  # batched rows: the eager step
+    with pytest.raises(GenerationError, match="compile"):
+        DraftModel(draft, 3, compile="yes")

@@ -4,6 +4,7 @@ and whether the tokens are the same. Same model, same process, runs interleaved.
 
     python tools/bench_speculative.py                                   # embedded SmolLM2, bf16 lookup
     python tools/bench_speculative.py --dtype float32 --draft-quantize int8 --methods draft
+    python tools/bench_speculative.py --dtype float32 --draft-quantize int8 --draft-compile --methods draft
 
 Tasks: `quote`, an input-grounded one (the model asked to copy a ~500-token Hamlet passage, where
 prompt lookup finds its guesses), and `story`, free text from a one-line prompt (little to copy:
@@ -63,6 +64,7 @@ def main() -> None:
     p.add_argument("--draft", default=None, help="draft checkpoint (default: the model again)")
     p.add_argument("--draft-tokens", type=int, default=4)
     p.add_argument("--draft-quantize", default="int8", help="the draft's quantization ('none': as loaded)")
+    p.add_argument("--draft-compile", action="store_true", help="the draft's one-token steps compiled")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
@@ -82,7 +84,7 @@ def main() -> None:
         prompt = prompts[task]
         for method in methods:
             make = (lambda: PromptLookup(args.lookup_tokens)) if method == "lookup" else \
-                (lambda: DraftModel(draft, args.draft_tokens))
+                (lambda: DraftModel(draft, args.draft_tokens, compile=args.draft_compile))
             plain_s, spec_s, same, acc = [], [], True, []
             for _ in range(args.repeats):  # interleaved: drift falls on both
                 one, _, _ = timed_call(model, prompt, 1, None)
@@ -105,7 +107,7 @@ def main() -> None:
                 write_json(args.json, results)
     print(f"# bench_speculative: {args.model or 'SmolLM2-135M-Instruct (embedded)'} {args.dtype}, "
           f"{args.new_tokens} new tokens, greedy, median of {args.repeats}; draft: "
-          f"{args.draft or 'the model'} {args.draft_quantize}, {args.draft_tokens} tokens; lookup {args.lookup_tokens}\n")
+          f"{args.draft or 'the model'} {args.draft_quantize}{' compiled' if args.draft_compile else ''}, {args.draft_tokens} tokens; lookup {args.lookup_tokens}\n")
     print("| task | method | plain tok/s | speculative tok/s | speedup | acceptance | tokens / forward | same tokens |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
