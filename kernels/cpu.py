@@ -51,6 +51,7 @@ _CAPABILITY = torch.backends.cpu.get_cpu_capability()
 _replayable = _CAPABILITY.startswith(("AVX2", "AVX512"))
 # Calls by kernel name (tests assert the fast path really ran, as LAUNCHES does for Triton).
 CALLS: dict[str, int] = {"rms_norm": 0, "layer_norm": 0}
+# The weight and bias types the kernels read directly (applies(): subclasses dispatch instead).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 

@@ -25,8 +25,8 @@ of row (`_pick_row`) is where such a cache would plug in.
 
 Sampling is generate.py's (SamplingConfig, process_logits, sample) and stopping stopping.py's
 (a RowStop per request: EOS, stop strings, its grammar, max_tokens), so a request decodes and
-ends as it would alone. The grammar masks of a step's structured rows are computed together. The engine runs on one thread
-(`start`); `submit` and `cancel` may be called from any other.
+ends as it would alone; the grammar masks of a step's structured rows are computed together.
+The engine runs on one thread (`start`); `submit` and `cancel` may be called from any other.
 """
 
 from __future__ import annotations
@@ -292,7 +292,8 @@ class Engine:
         """The step's logits [B, V] with every structured row's grammar mask applied, all rows' masks
         computed at once; None when no row has a grammar, or when computing them failed (each row
         then masks on its own in _accept, so only a broken row fails)."""
-        states = [self.rows[i]._grammar if i in decoding else None for i in range(logits.shape[0])]
+        live = set(decoding)
+        states = [self.rows[i]._grammar if i in live else None for i in range(logits.shape[0])]
         if all(s is None for s in states):
             return None
         try:

@@ -103,19 +103,21 @@ class RowStop:
         self.eos, self.max_tokens, self.grammar = set(eos), max_tokens, grammar
         self.ends_on_eos = not ignore_eos or grammar is not None
         self.kept = 0  # tokens that joined the output
+        self.finish: str | None = None  # why the row ended, once it has
 
     def push(self, token: int) -> tuple[str, str | None, bool]:
         """(the text this token makes safe to show, why the row ends here: "stop", "length" or None,
         whether the token joins the output: an ending EOS does not)."""
         if token in self.eos and self.ends_on_eos:
-            return self.text.flush(), "stop", False
+            self.finish = "stop"
+            return self.text.flush(), self.finish, False
         self.kept += 1
         piece = self.text.push(token)
         if self.text.stopped or (self.grammar is not None and self.grammar.stopped):
-            return piece + self.text.flush(), "stop", True
-        if self.max_tokens is not None and self.kept >= self.max_tokens:
-            return piece + self.text.flush(), "length", True
-        return piece, None, True
+            self.finish = "stop"
+        elif self.max_tokens is not None and self.kept >= self.max_tokens:
+            self.finish = "length"
+        return (piece + self.text.flush() if self.finish else piece), self.finish, True
 
 
 class StopStrings:
@@ -124,10 +126,9 @@ class StopStrings:
 
     def __init__(self, tokenizer: Any, stops: Sequence[str], batch: int) -> None:
         self.rows = [RowStop(tokenizer, stops) for _ in range(batch)]
-        self.done = [False] * batch
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
-            if not self.done[i]:
-                self.done[i] = row.push(token)[1] is not None
-        return torch.tensor(self.done, device=tokens.device)
+        for row, token in zip(self.rows, tokens.tolist()):
+            if row.finish is None:
+                row.push(token)
+        return torch.tensor([row.finish is not None for row in self.rows], device=tokens.device)
