@@ -68,8 +68,9 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def step_key(model: nn.Module, batch: int) -> str:
-    """A hash of everything a packaged decode step depends on (weights by content)."""
+def step_key(model: nn.Module, batch: int | tuple) -> str:
+    """A hash of everything a packaged decode step depends on (weights by content); batch: the
+    batch size, or a verify step's input shapes."""
     h = hashlib.sha1(usedforsecurity=False)
     cache = model.kv_cache
     for part in (repr(model.config), str(batch), str(tuple(cache.k.shape)), str(cache.k.dtype), torch.__version__,
@@ -95,7 +96,8 @@ def _caches(model: nn.Module) -> list[torch.Tensor]:
 
 
 class _Step(nn.Module):
-    """A decode step or a prefill as export sees it: the KV caches come in as inputs (written in place)."""
+    """A decode step, a prefill or a verify step (speculative decoding's several tokens at once, every
+    position's logits) as export sees it: the KV caches come in as inputs (written in place)."""
 
     def __init__(self, model: nn.Module, kind: str) -> None:
         super().__init__()
@@ -162,8 +164,8 @@ def _evict(folder: Path, kind: str, keep: int) -> None:
 
 
 class PackagedStep:
-    """compile=True's decode step on a CPU (kind="prefill": the compiled prefill): one AOTInductor
-    library per (batch, cache shape), loaded from the cache ($MINILLAMA_COMPILE_CACHE, default the
+    """compile=True's decode step on a CPU (kind="prefill": the compiled prefill; "verify": the
+    speculative verify step, one per input width): one AOTInductor library per (batch, cache shape), loaded from the cache ($MINILLAMA_COMPILE_CACHE, default the
     minillama cache's compiled/) or compiled and stored there on first use.
 
     `status` says what the last new shape did: "loaded" (from the cache), "compiled" (and
@@ -193,7 +195,7 @@ class PackagedStep:
         """The library for these inputs' shapes, loaded or compiled now if it is not yet; None once
         packaging has failed and the fallback runs instead (prepared too, where it can be)."""
         if self._fallback_step is None:
-            shape = (example[0].shape[0], *self.model.kv_cache.k.shape)
+            shape = (self._inputs(example), *self.model.kv_cache.k.shape)
             try:
                 if shape not in self.runners:
                     self.runners[shape] = self._runner(*example)
@@ -207,8 +209,15 @@ class PackagedStep:
             prepare(*example)
         return None
 
+    def _inputs(self, example: tuple[torch.Tensor, ...]) -> int | tuple:
+        """What of the inputs' shapes a library is made for: the batch; a verify step's width and
+        slots' layout too (one shared slot row, or one per row)."""
+        if self.kind == "verify":
+            return tuple(example[0].shape), tuple(example[1].shape)
+        return example[0].shape[0]
+
     def _runner(self, *example: torch.Tensor) -> Any:
-        path = self.folder / f"{self.kind}-{step_key(self.model, example[0].shape[0])}.so"
+        path = self.folder / f"{self.kind}-{step_key(self.model, self._inputs(example))}.so"
         tried = path.is_file()  # a file that fails to load here is rebuilt, not tried again
         if tried and (runner := self._load(path)) is not None:
             return runner

@@ -109,10 +109,9 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
         if args.prompt_lookup is not None and args.draft is not None:
             raise GenerationError("--prompt-lookup and --draft are two ways to guess tokens: choose one")
-        for flag, value in (("--compile", args.compile), ("--json-schema", schema)):
-            if value:
-                raise GenerationError(f"speculative decoding (--prompt-lookup / --draft) does not combine with {flag} yet"
-                                      + (" (--draft-compile compiles the draft)" if flag == "--compile" else ""))
+        if schema:
+            raise GenerationError("speculative decoding (--prompt-lookup / --draft) does not combine with "
+                                  "--json-schema yet")
         check_count(args.draft_tokens, "--draft-tokens")
         if args.prompt_lookup is not None:
             options["speculative"] = PromptLookup(tokens=check_count(args.prompt_lookup, "--prompt-lookup"))
@@ -313,6 +312,23 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
     from .assets import convert_gguf
 
     print(f"wrote {convert_gguf(args.file, args.outdir)}")
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    """Write a checkpoint as a GGUF file for llama.cpp / Ollama (llama, mistral, qwen2, qwen3), with its
+    tokenizer and chat template; a quantized minillama checkpoint is dequantized, then quantized to --type."""
+    from .checkpoint import from_pretrained
+    from .gguf_export import check_exportable, save_gguf
+    from .hub import model_path
+
+    directory = model_path(args.model)
+    model = from_pretrained(directory, dtype="float32", prepack=False)
+    check_exportable(model.config, args.type)  # before reading the tokenizer
+    for note in save_gguf(model, args.out, directory, type=args.type, name=args.name or Path(str(args.model)).name):
+        print(f"note: {note}", file=sys.stderr)
+    size = Path(args.out).stat().st_size
+    print(f"wrote {args.out} ({args.type}, {size / 1e6:.0f} MB)")
     return 0
 
 
@@ -629,6 +645,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="a .gguf file")
     p.add_argument("outdir", help="output directory (written atomically)")
     p.set_defaults(func=cmd_convert_gguf)
+    p = sub.add_parser("export-gguf", help=cmd_export_gguf.__doc__, description=cmd_export_gguf.__doc__)
+    p.add_argument("model", help="HF checkpoint directory or Hugging Face id")
+    p.add_argument("out", help="the .gguf file to write (atomically)")
+    p.add_argument("--type", default="f16", metavar="TYPE",
+                   help="f32, f16, bf16, q8_0 or q4_0: the weights' type (default f16; norms stay f32; q4_0 keeps "
+                        "the embedding and output matrices in q8_0)")
+    p.add_argument("--name", default=None, help="general.name in the file (default: the model directory's name)")
+    p.set_defaults(func=cmd_export_gguf)
     return parser
 
 

@@ -34,16 +34,20 @@ def compile_parts(compile: bool | str, device: torch.device) -> tuple[str, ...]:
 
 
 def compiled(model: Transformer, part: str) -> Any:
-    """The model's compiled "decode" step or "prefill", compiled on first use and cached on the model
-    (`_compiled_step`, `_compiled_prefill`), so repeated generate(compile=...) calls compile once."""
+    """The model's compiled "decode" step, "prefill" or speculative "verify" step, compiled on first
+    use and cached on the model (`_compiled_step`, `_compiled_prefill`, `_compiled_verify`), so
+    repeated generate(compile=...) calls compile once."""
     key = f"_compiled_{'step' if part == 'decode' else part}"
     if key not in model.__dict__:
-        model.__dict__[key] = compile_decode_step(model) if part == "decode" else compile_prefill(model)
+        model.__dict__[key] = compile_prefill(model) if part == "prefill" else compile_decode_step(model, part)
     return model.__dict__[key]
 
 
-def compile_decode_step(model: Transformer) -> Callable[..., torch.Tensor]:
+def compile_decode_step(model: Transformer, kind: str = "decode") -> Callable[..., torch.Tensor]:
     """Compile the one-token decode step: static shapes, one fused graph per (batch, cache length).
+
+    kind="verify": the same for speculative decoding's verify step (several tokens at their cache
+    slots, every position's logits, attending over every slot): one graph per input width.
 
     Inductor's `freezing` folds the weights into the graph as constants, which lets it prepack them
     for the CPU matmul library (oneDNN/MKL): that, not Python overhead, is most of the gain on a CPU.
@@ -60,7 +64,7 @@ def compile_decode_step(model: Transformer) -> Callable[..., torch.Tensor]:
     # The frozen graph packs the weights itself; the eager prepacked copies would be a third one.
     unpack_model(model)
     if aot.supported(model):
-        return aot.PackagedStep(model, fallback=lambda: _torch_compiled_step(model))
+        return aot.PackagedStep(model, fallback=lambda: _torch_compiled_step(model), kind=kind)
     return _torch_compiled_step(model)
 
 

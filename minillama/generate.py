@@ -558,7 +558,7 @@ def generate_tokens(
     if speculative is not None:
         from .speculative import check_speculative
 
-        check_speculative(speculative, grammar=grammar, cached=cached, compile_parts=parts, model=model)
+        check_speculative(speculative, grammar=grammar, cached=cached, model=model)
     if "decode" in parts and step_fn is None:
         step_fn = compiled(model, "decode")
     prefill_fn = compiled(model, "prefill") if "prefill" in parts else None
@@ -574,7 +574,7 @@ def generate_tokens(
         from .speculative import speculative_tokens
 
         tokens = speculative_tokens(model, ids, mask, max_new_tokens, sampling, eos, pad_token_id, speculative,
-                                    should_stop, stats)
+                                    should_stop, stats, parts)
         return ids, tokens
     tokens = decode_tokens(model, ids, mask, max_new_tokens, sampling, eos, pad_token_id, should_stop, step_fn,
                            stats, sync_every, prefill_fn, grammar, cached)

@@ -420,11 +420,12 @@ class Transformer(nn.Module):
             if self.cache_len == 0:
                 raise GenerationError("input_pos given but no KV cache: call model.setup_cache(...) first")
             # Tokens attend up to the last slot they write; from slot 0 (prefill) that is plain causal
-            # attention, whose kernel skips the masked half. One new token (decode) under
-            # torch.compile or on a GPU attends over every slot instead: static shapes make one
-            # graph for every step, and reading the position back would sync with the GPU.
+            # attention, whose kernel skips the masked half. Under torch.compile (a decode step, a
+            # speculative verify step) or for one new token on a GPU, tokens attend over every
+            # slot instead: static shapes make one graph for every step, and reading the position
+            # back would sync with the GPU.
             q_pos = input_pos
-            static = kv_len is None and seqlen == 1 and (torch.compiler.is_compiling() or input_pos.device.type != "cpu")
+            static = kv_len is None and (torch.compiler.is_compiling() or (seqlen == 1 and input_pos.device.type != "cpu"))
             if kv_len is None:
                 kv_len = self.cache_len if static else int(input_pos.max()) + 1
         if position_ids is None:

@@ -12,6 +12,11 @@ Rows accept different numbers of tokens, so they sit at different slots, which t
 (continuous batching's per-row `input_pos`). A rejected guess leaves keys at slots past the row's
 end: the causal mask hides them and the next round overwrites them; nothing is copied back.
 
+Compiled (generate(compile=...)), the verify forward is one static-shape graph: every round feeds
+the same width (1 + the proposer's most guesses, short rows padded; a padded position's key lands
+past the row's end like a rejected guess's), and a round with no guess at batch 1 is a plain
+compiled decode step.
+
 Proposers: `PromptLookup` (n-grams of the text so far, transformers' prompt-lookup decoding) and
 `DraftModel` (a smaller model with the same vocabulary and its own static cache, kept in step with
 the target by slot).
@@ -246,8 +251,11 @@ def speculative_tokens(
     proposer: Proposer,
     should_stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
     stats: GenerationStats | None = None,
+    compile_parts: Sequence[str] = (),
 ) -> Iterator[torch.Tensor]:
-    """decode_tokens with speculation: the same tokens [B] per position, several positions a forward."""
+    """decode_tokens with speculation: the same tokens [B] per position, several positions a forward.
+    compile_parts: what generate(compile=...) compiles ("decode": the verify step and the one-token
+    step; "prefill": the prompt's forward)."""
     bsz, prompt_len = input_ids.shape
     device = model.input_device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -261,10 +269,27 @@ def speculative_tokens(
     proposer.start(model, bsz, input_ids, attention_mask, cache_len)
     eos_set = set(eos)
 
-    start = time.perf_counter()
+    # Prompt lookup backs off to guess-free rounds; a draft always guesses (unless at the very end).
+    verify = _Verify(model, bsz, proposer.tokens + 1, padding_mask, has_padding, "decode" in compile_parts,
+                     one_token=isinstance(proposer, PromptLookup))
     prompt_ids = input_ids.masked_fill(attention_mask == 0, 0)
-    logits = model(prompt_ids, torch.arange(prompt_len, device=device), position_ids=positions,
-                   padding_mask=padding_mask if has_padding else None, last_only=True, validate=False)[:, -1].float()
+    if "prefill" in compile_parts and prompt_len >= 2:
+        prefill = compiled(model, "prefill")
+        prefill.prepare(prompt_ids, torch.arange(prompt_len, device=device), positions, padding_mask)
+    else:
+        prefill = None
+    start = time.perf_counter()
+    verify.prepare()  # compiles (or loads) here: not the prefill's time, nor the decode's
+    if stats is not None:
+        stats.warmup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    if prefill is not None:
+        logits = prefill(prompt_ids, torch.arange(prompt_len, device=device), position_ids=positions,
+                         padding_mask=padding_mask)[:, -1].float()
+    else:
+        logits = model(prompt_ids, torch.arange(prompt_len, device=device), position_ids=positions,
+                       padding_mask=padding_mask if has_padding else None, last_only=True,
+                       validate=False)[:, -1].float()
     # Each row's tokens in slot order (left padding included, as the cache holds them).
     seqs = [row for row in prompt_ids.tolist()]
     pending: list[list[int]] = [[] for _ in range(bsz)]  # accepted, not yet yielded
@@ -330,14 +355,7 @@ def speculative_tokens(
         room = [max_new_tokens - generated[i] - 1 if live[i] else 0 for i in range(bsz)]
         guesses, dists = proposer.propose(seqs, room, sampling, generator)
         guesses = [g if live[i] else [] for i, g in enumerate(guesses)]
-        w = 1 + max(len(g) for g in guesses)
-        ids = torch.tensor([[s[-1]] + g + [0] * (w - 1 - len(g)) for s, g in zip(seqs, guesses)], device=device)
-        slots = torch.tensor([[len(s) - 1 + j for j in range(w)] for s in seqs], device=device)
-        # One row: its slots as [w], the call plain decoding makes when there is no guess (the same
-        # attention path, so the same rounding); rows at different slots need [rows, w].
-        verify_slots = slots[0] if bsz == 1 else slots
-        out = model(ids, verify_slots, position_ids=slots - pad_count, validate=False,
-                    padding_mask=padding_mask if has_padding else None, kv_len=int(slots.max()) + 1).float()
+        out = verify(seqs, guesses, pad_count)
         new_round = []
         for i in range(bsz):
             if not live[i]:
@@ -353,8 +371,47 @@ def speculative_tokens(
             stats.target_forwards += 1
 
 
-def check_speculative(proposer: Any, *, grammar: Any, cached: Any, compile_parts: Sequence[str],
-                      model: Transformer) -> None:
+class _Verify:
+    """The target's forward over each row's [last token, guesses] at the row's own slots: fp32
+    logits [rows, width, V]. Eager, as wide as the round's most guesses; compiled, always `width`
+    wide (static shapes), and (one_token) a guess-free round at batch 1 the compiled one-token step."""
+
+    def __init__(self, model: Transformer, rows: int, width: int, padding_mask: torch.Tensor,
+                 has_padding: bool, compile: bool, one_token: bool) -> None:
+        self.model, self.rows, self.width = model, rows, width
+        self.padding_mask, self.has_padding = padding_mask, has_padding
+        self.wide = compiled(model, "verify") if compile else None
+        self.step = compiled(model, "decode") if compile and one_token and rows == 1 else None
+
+    def prepare(self) -> None:
+        """Compile (or load) the compiled steps for this batch and cache now, by shapes alone."""
+        device = self.model.input_device
+        for fn, w in ((self.wide, self.width), (self.step, 1)):
+            if fn is not None and hasattr(fn, "prepare"):
+                slots = torch.zeros(w, dtype=torch.long, device=device)
+                fn.prepare(torch.zeros(self.rows, w, dtype=torch.long, device=device),
+                           slots if self.rows == 1 or w == 1 else slots.expand(self.rows, w).contiguous(),
+                           torch.zeros(self.rows, w, dtype=torch.long, device=device), self.padding_mask)
+
+    def __call__(self, seqs: list[list[int]], guesses: list[list[int]], pad_count: torch.Tensor) -> torch.Tensor:
+        device = self.model.input_device
+        most = max(len(g) for g in guesses)
+        w = 1 + most if self.wide is None or (most == 0 and self.step is not None) else self.width
+        ids = torch.tensor([[s[-1]] + g + [0] * (w - 1 - len(g)) for s, g in zip(seqs, guesses)], device=device)
+        slots = torch.tensor([[len(s) - 1 + j for j in range(w)] for s in seqs], device=device)
+        # One row: its slots as [w], the call plain decoding makes when there is no guess (the same
+        # attention path, so the same rounding); rows at different slots need [rows, w].
+        row_slots = slots[0] if self.rows == 1 else slots
+        if self.wide is None:
+            return self.model(ids, row_slots, position_ids=slots - pad_count, validate=False,
+                              padding_mask=self.padding_mask if self.has_padding else None,
+                              kv_len=int(slots.max()) + 1).float()
+        fn = self.step if w == 1 else self.wide
+        return fn(ids, row_slots, position_ids=slots - pad_count, padding_mask=self.padding_mask,
+                  validate=False).float()
+
+
+def check_speculative(proposer: Any, *, grammar: Any, cached: Any, model: Transformer) -> None:
     """GenerationError for what speculation does not combine with yet."""
     if not isinstance(proposer, (PromptLookup, DraftModel)):
         raise GenerationError(f"speculative must be PromptLookup(...) or DraftModel(...), got {proposer!r}")
@@ -362,7 +419,5 @@ def check_speculative(proposer: Any, *, grammar: Any, cached: Any, compile_parts
         raise GenerationError("speculative decoding does not combine with json_schema yet")
     if cached is not None:
         raise GenerationError("speculative decoding does not combine with a cached conversation (cached=) yet")
-    if compile_parts:
-        raise GenerationError("speculative decoding runs eagerly: drop compile=")
     if model.config.rope.rope_type == "longrope":
         raise GenerationError("speculative decoding does not support longrope models yet")

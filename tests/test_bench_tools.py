@@ -170,10 +170,14 @@ def test_bench_serve_runs_clients_against_a_server(tiny_chat_dir, tmp_path):
 def test_bench_generate_rows_and_cuda_only_impls(tiny_chat_dir, tmp_path, monkeypatch):
     base = [sys.executable, str(TOOLS / "bench_generate.py"), "--model", str(tiny_chat_dir), "--dtypes", "float32",
             "--new-tokens", "8", "--prefill", "32", "--repeats", "1"]
-    run = subprocess.run([*base, "--impls", "transformers,minillama", "--json", str(tmp_path / "g.json")],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([*base, "--impls", "transformers,minillama", "--speculative", "lookup",
+                          "--json", str(tmp_path / "g.json")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    result = json.loads((tmp_path / "g.json").read_text())
+    rows = result["rows"]
+    spec = result["speculative"]  # both prompts, the target eager (minillama-compiled not asked for)
+    assert [(r["task"], r["method"], r["compile"]) for r in spec] == [("quote", "lookup", False), ("story", "lookup", False)]
+    assert all(r["same_tokens"] and r["spec_tok_s"] > 0 for r in spec) and "| quote | lookup |" in run.stdout
     assert [r["impl"] for r in rows] == ["transformers", "minillama"] and rows[1]["same_tokens_as_hf"]
     assert rows[1]["decode_tok_s"][0] > 0 and rows[1]["prefill_tok_s"][0] > 0
     # refused before anything loads (in this process: a second start would cost more than the check)

@@ -153,16 +153,16 @@ def test_bad_settings_fail_in_one_line(models, tiny_chat_dir: Path, tmp_path: Pa
         DraftModel(models["draft"], 0)
     with pytest.raises(GenerationError, match="tokens must be"):
         PromptLookup(0)
-    with pytest.raises(GenerationError, match="compile"):
-        generate(target, PROMPTS, 4, speculative=PromptLookup(), compile=True)
     other = tmp_path / "other-tokenizer"  # the tiny chat model beside a tokenizer with one more token
     shutil.copytree(tiny_chat_dir, other)
     tok = minillama.load_tokenizer(tiny_chat_dir)
     tok.add_tokens(["<extra>"])
     tok.save_pretrained(other)
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object"}')
     for flags, message in ((["--prompt-lookup", "--draft", str(other)], "choose one"),
                            (["--draft-tokens", "0", "--draft", str(other)], "--draft-tokens"),
-                           (["--prompt-lookup", "--compile"], "does not combine with --compile"),
+                           (["--prompt-lookup", "--json-schema", str(schema)], "does not combine with --json-schema"),
                            (["--draft", str(other)], "tokenizer is not the model's")):
         assert main(["generate", "--model", str(tiny_chat_dir), "-p", "x", "-n", "3", *flags]) == 2
         err = capsys.readouterr().err
@@ -219,3 +219,41 @@ def test_a_compiled_draft_steps_through_the_compiled_decode_step(models, monkeyp
     assert torch.equal(batched, _plain(target, PROMPTS, 12)) and not calls  # batched rows: the eager step
     with pytest.raises(GenerationError, match="compile"):
         DraftModel(draft, 3, compile="yes")
+
+
+def test_the_compiled_verify_step_gives_plain_greedy_tokens(models) -> None:
+    """compile=True: the target's verify forward through its compiled (AOTInductor) step, one width
+    for every round, and guess-free rounds through the compiled one-token step: plain tokens."""
+    target, copy = models["target"], models["copy"]
+    want = _plain(target, PROMPTS[:1], 30)
+    stats = GenerationStats()
+    got = _plain(target, PROMPTS[:1], 30, speculative=DraftModel(copy, 3), compile=True, stats=stats)
+    assert torch.equal(got, want) and stats.target_forwards < 15
+    assert target.__dict__["_compiled_verify"].status in ("compiled", "loaded", "fallback")
+
+
+def test_batched_compiled_verify_feeds_one_width_at_each_rows_slots(models, monkeypatch) -> None:
+    """Batched and compiled, every verify call is [rows, tokens + 1] at per-row slots with the padding
+    mask and no kv_len (static shapes); the "compiled" step here is the eager model attending over
+    the whole cache, as the compiled one does, so the plumbing is what runs."""
+    from minillama import speculative
+
+    widths = []
+
+    def fake_compiled(model, part):
+        assert part in ("verify", "decode")
+
+        def step(ids, slots, *, position_ids, padding_mask, validate):
+            assert padding_mask is not None and slots.shape == ids.shape == position_ids.shape
+            widths.append(ids.shape)
+            return model(ids, slots, position_ids=position_ids, padding_mask=padding_mask, validate=validate,
+                         kv_len=model.cache_len)
+        return step
+
+    monkeypatch.setattr(speculative, "compiled", fake_compiled)
+    target = models["target"]
+    for spec in (PromptLookup(4), DraftModel(models["copy"], 3)):
+        widths.clear()
+        got = _plain(target, PROMPTS, 30, speculative=spec, compile="decode")
+        assert torch.equal(got, _plain(target, PROMPTS, 30))
+        assert widths and set(widths) == {(len(PROMPTS), spec.tokens + 1)}

@@ -9,6 +9,7 @@ here, in this run.
 
     python tools/bench_generate.py                       # embedded SmolLM2, fp32 + bf16
     python tools/bench_generate.py --model DIR --dtypes bfloat16 --json out.json
+    python tools/bench_generate.py --dtypes float32 --impls minillama --speculative lookup,draft
 
 --json is rewritten as each row finishes, so a run stopped part-way keeps the rows it measured.
 On CUDA every minillama worker sizes its KV cache once, before the warm-up, for the longest call
@@ -21,6 +22,7 @@ docs/benchmarks.md were measured so) unless --cache-len is given.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -42,9 +44,12 @@ from benchutil import decode_bytes, decode_rate, median_spread, read_bandwidth, 
 # GPU only, the decode step captured into a CUDA graph by hand (minillama/cudagraph.py), against
 # compile=True's torch.compile(mode="reduce-overhead"): minillama-cudagraph captures the eager step
 # (no compilation), minillama-compiled-cudagraph a torch.compile'd step without CUDA graphs.
-IMPLS = ("transformers", "minillama-plain", "minillama", "minillama-compiled", "minillama-compiled-all",
+IMPLS = ("transformers", "llama.cpp", "minillama-plain", "minillama", "minillama-compiled", "minillama-compiled-all",
          "minillama-cudagraph", "minillama-compiled-cudagraph")
 COMPILE = {"minillama-compiled": True, "minillama-compiled-all": "all"}
+# llama.cpp (through llama-cpp-python, when importable): a GGUF of the same checkpoint written by
+# our exporter (minillama/gguf_export.py) at the width of the row's minillama mode.
+GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int8": "q8_0", "int4": "q4_0"}
 GRAPHS = ("minillama-cudagraph", "minillama-compiled-cudagraph")
 
 
@@ -72,7 +77,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"impl": args.impl, "dtype": args.dtype}
 
     t0 = time.perf_counter()
-    if args.impl == "transformers":
+    if args.impl == "llama.cpp":
+        model, run = llama_cpp_runner(args, model_dir, prompt, long_ids)
+        result["gguf_type"] = model.gguf_type
+    elif args.impl == "transformers":
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 
         def run(n: int, ids: torch.Tensor = prompt) -> torch.Tensor:
@@ -103,8 +111,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             model.setup_cache(1, cache_len)
         result["cache_len"] = cache_len
     result["load_s"] = time.perf_counter() - t0
-    n_params = sum(t.numel() for t in model_tensors(model) if isinstance(t, torch.nn.Parameter))
-    result.update(weight_bytes=weight_bytes(model), decode_bytes=decode_bytes(model), quantize=args.quantize)
+    if args.impl == "llama.cpp":  # the file's tensors: what a decode step reads, near enough (tied head)
+        n_params, nbytes = model.n_params, model.file_bytes
+        result.update(weight_bytes=nbytes, decode_bytes=nbytes, quantize=args.quantize)
+    else:
+        n_params = sum(t.numel() for t in model_tensors(model) if isinstance(t, torch.nn.Parameter))
+        result.update(weight_bytes=weight_bytes(model), decode_bytes=decode_bytes(model), quantize=args.quantize)
 
     t0 = time.perf_counter()
     first = run(args.new_tokens)  # warm-up; for the compiled step this is where compilation happens
@@ -125,8 +137,42 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def llama_cpp_runner(args: argparse.Namespace, model_dir: Path, prompt: torch.Tensor, long_ids: torch.Tensor):
+    """(a llama.cpp model of the checkpoint, run(n, ids) -> prompt + n greedy tokens) as the other
+    rows' run; the GGUF is exported here by minillama's exporter, at the row's width."""
+    import llama_cpp
+
+    import minillama
+    from minillama.gguf_export import save_gguf
+
+    kind = GGUF_TYPES.get(args.dtype if args.quantize == "none" else args.quantize.split("-")[0])
+    if kind is None:
+        raise SystemExit(f"llama.cpp: no GGUF type for {args.dtype}/{args.quantize}")
+    source = minillama.from_pretrained(model_dir, dtype="float32", prepack=False)
+    n_params = sum(p.numel() for p in source.parameters())
+    path = Path(tempfile.mkdtemp(prefix="bench-gguf-")) / f"model-{kind}.gguf"
+    save_gguf(source, path, model_dir, type=kind)
+    del source
+    context = max(prompt.shape[1] + args.new_tokens, long_ids.shape[1] + 1) + 8
+    llm = llama_cpp.Llama(str(path), n_ctx=context, n_batch=512, n_threads=args.threads, verbose=False)
+    llm.gguf_type, llm.n_params, llm.file_bytes = kind, n_params, path.stat().st_size
+
+    def run(n: int, ids: torch.Tensor = prompt) -> torch.Tensor:
+        tokens = ids[0].tolist()
+        out: list[int] = []
+        # greedy (top_k=1, temperature 0); EOS ignored: generate yields until the caller stops
+        for t in llm.generate(tokens, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(t)
+            if len(out) == n:
+                break
+        return torch.tensor([tokens + out])
+
+    return llm, run
+
+
 def annotate(r: dict[str, Any], rows: list[dict[str, Any]], bandwidth: float) -> None:
-    """Add the roofline and, once transformers' row of that dtype exists, the ratios to it."""
+    """Add the roofline and, once transformers' row of that dtype exists, the ratios to it; and
+    to llama.cpp's row of the same dtype and quantization (its GGUF of the same width)."""
     if "error" in r:
         return
     r["roofline_tok_s"] = bandwidth * 1e9 / r.get("decode_bytes", r["weight_bytes"])
@@ -136,6 +182,12 @@ def annotate(r: dict[str, Any], rows: list[dict[str, Any]], bandwidth: float) ->
         r.update(decode_vs_hf=r["decode_tok_s"][0] / ref["decode_tok_s"][0],
                  prefill_vs_hf=r["prefill_tok_s"][0] / ref["prefill_tok_s"][0],
                  same_tokens_as_hf=r["tokens"] == ref["tokens"])
+    peer = next((x for x in rows if x["impl"] == "llama.cpp" and "error" not in x and x["dtype"] == r["dtype"]
+                 and x.get("quantize") == r.get("quantize")), None)
+    if peer is not None and r["impl"] != "llama.cpp":
+        r.update(decode_vs_llama_cpp=r["decode_tok_s"][0] / peer["decode_tok_s"][0],
+                 prefill_vs_llama_cpp=r["prefill_tok_s"][0] / peer["prefill_tok_s"][0],
+                 same_tokens_as_llama_cpp=r["tokens"] == peer["tokens"])
 
 
 def warmup(row: dict[str, Any]) -> str:
@@ -161,6 +213,11 @@ def main() -> None:
                    "warm-up (default: on CUDA, enough for every call; on a CPU, as generate grows it)")
     p.add_argument("--quantize", default="none", help="comma-separated minillama quantization modes, e.g. "
                    "none,int8,int4-g32 (transformers runs only 'none')")
+    p.add_argument("--speculative", default=None, metavar="METHODS",
+                   help="also speculative decoding rows, e.g. lookup,draft: measured by tools/bench_speculative.py "
+                        "(tok/s against plain decoding in the same process, acceptance, tokens per target forward, "
+                        "same tokens as plain greedy) for each dtype, the target eager and, when minillama-compiled "
+                        "is among --impls, compiled; the draft is the model's int8 copy, compiled")
     p.add_argument("--json", help="also write all results here (rewritten as each row finishes)")
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -174,8 +231,13 @@ def main() -> None:
 
     model_path(args.model)  # convert (or download) once here, not inside a timed worker
     device = torch.device(args.device)
-    impls = args.impls.split(",") if args.impls else [i for i in IMPLS if device.type == "cuda" or i not in GRAPHS]
+    impls = args.impls.split(",") if args.impls else [
+        i for i in IMPLS if (device.type == "cuda" or i not in GRAPHS)
+        and (i != "llama.cpp" or (device.type == "cpu" and importlib.util.find_spec("llama_cpp") is not None))]
     unknown = [i for i in impls if i not in IMPLS] or [i for i in impls if i in GRAPHS and device.type != "cuda"]
+    if "llama.cpp" in impls and importlib.util.find_spec("llama_cpp") is None:
+        sys.exit("--impls llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python: it builds "
+                 "llama.cpp from source, ~12 minutes on 2 cores)")
     if unknown:
         sys.exit(f"--impls: {', '.join(unknown)}: not one of {', '.join(IMPLS)}, or needs CUDA "
                  f"(CUDA graphs: {', '.join(GRAPHS)})")
@@ -220,10 +282,17 @@ def main() -> None:
                                    "rows": rows})
         print(f"  measured {impl} {dtype} {quantize}", file=sys.stderr)
 
+    speculative = speculative_rows(args, impls, compile_cache) if args.speculative else []
+    if args.json and speculative:
+        write_json(args.json, {"machine": machine, "bandwidth_gb_s": bandwidth, "threads": args.threads,
+                               "rows": rows, "speculative": speculative})
     for r in rows:  # transformers' row may come after ours
         annotate(r, rows, bandwidth)
     head = ("| dtype | impl | prefill tok/s | x HF | decode tok/s | x HF | roofline tok/s | % roofline "
             "| peak MB | load s | warm-up s | same tokens |")
+    peer = any(r["impl"] == "llama.cpp" and "error" not in r for r in rows)
+    if peer:  # the same width's llama.cpp row: prefill and decode ratios, and whether the tokens agree
+        head += " x llama.cpp prefill | x llama.cpp decode | same tokens as llama.cpp |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
@@ -239,8 +308,37 @@ def main() -> None:
         label = r["impl"] + (f" {r['quantize']}" if r.get("quantize", "none") != "none" else "")
         print(f"| {r['dtype']} | {label} | {pm:.0f} [{pl:.0f}-{ph:.0f}] | {vs('prefill_vs_hf')} "
               f"| {dm:.1f} [{dl:.1f}-{dh:.1f}] | {vs('decode_vs_hf')} | {roof_s} | {100 * dm / roof:.0f}% "
-              f"| {r['peak_mem_mb']:.0f} | {r['load_s']:.2f} | {warmup(r)} | {same} |")
+              f"| {r['peak_mem_mb']:.0f} | {r['load_s']:.2f} | {warmup(r)} | {same} |"
+              + (f" {vs('prefill_vs_llama_cpp')} | {vs('decode_vs_llama_cpp')} | "
+                 f"{ {True: 'yes', False: 'no'}.get(r.get('same_tokens_as_llama_cpp'), '-')} |" if peer else ""))
+    if speculative:
+        from bench_speculative import print_table
+
+        print(f"\n# speculative decoding ({args.speculative}): {args.new_tokens} new tokens, greedy, median of "
+              f"{args.repeats}; the quote and story prompts of tools/bench_speculative.py\n")
+        print_table(speculative)
     shutil.rmtree(compile_cache, ignore_errors=True)
+
+
+def speculative_rows(args: argparse.Namespace, impls: list[str], compile_cache: str) -> list[dict[str, Any]]:
+    """tools/bench_speculative.py's rows for each dtype (and compiled target), each in its own process."""
+    out: list[dict[str, Any]] = []
+    compiled = [False] + ([True] if "minillama-compiled" in impls else [])
+    for dtype in args.dtypes.split(","):
+        for compile_target in compiled:
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                cmd = [sys.executable, str(Path(__file__).with_name("bench_speculative.py")), "--dtype", dtype,
+                       "--methods", args.speculative, "--new-tokens", str(args.new_tokens), "--repeats",
+                       str(args.repeats), "--draft-compile", "--json", f.name] \
+                    + (["--model", args.model] if args.model else []) + (["--compile"] if compile_target else [])
+                run = subprocess.run(cmd, capture_output=True, text=True,
+                                     env={**os.environ, "MINILLAMA_COMPILE_CACHE": compile_cache})
+                if run.returncode:
+                    print(f"bench_speculative {dtype} failed:\n{run.stderr[-3000:]}", file=sys.stderr)
+                    continue
+                out += json.loads(Path(f.name).read_text())
+            print(f"  measured speculative {dtype}{' compiled' if compile_target else ''}", file=sys.stderr)
+    return out
 
 
 if __name__ == "__main__":
